@@ -1,0 +1,343 @@
+"""Which engine gets the next request: least-in-flight with random tie-break (DESIGN §6).
+
+The dominant bug of every router the project studied (vllm-router #179, LiteLLM #39322) is
+load-counter bookkeeping: a missed decrement, a double one, or a tie always broken toward the
+first backend, and all traffic ends up on one engine. So the rules here are strict:
+
+* :meth:`BackendPool.lease` is the **only** place an in-flight count changes: +1 exactly once when
+  a backend is handed out, -1 exactly once in ``__aexit__`` — on success, error, cancellation,
+  timeout, and when the caller gives up the backend to retry elsewhere.
+* :func:`pick` is pure: fewest in flight among routable backends under the cap, ties broken by
+  the injected ``random.Random``.
+* State changes (:meth:`~BackendPool.set_routable`, :meth:`~BackendPool.remove`) are synchronous,
+  so a group marking its engines unroutable takes effect for the very next pick, in the same tick.
+* When every candidate is at the cap (or none is ready), callers wait in **one FIFO queue**, and a
+  slot that frees goes straight to the oldest waiter that can use it (no polling, no thundering
+  herd): waiting is bounded by the caller's ``wait_s`` (``admission_wait_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections import deque
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from mpsd.errors import MpsdError
+
+RETRY_AFTER_SATURATED_S = 1
+RETRY_AFTER_NOT_READY_S = 5
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """One engine the proxy can send requests to.
+
+    ``key``/``gpu``/``model``/``base_url`` are what the supervisor registers; ``inflight``,
+    ``routable``, ``requests`` and ``connect_failures`` are runtime state owned by the pool (never
+    written by anyone else). Identity semantics (``eq=False``): two backends are never equal just
+    because they look alike.
+    """
+
+    key: str
+    gpu: str
+    model: str
+    base_url: str
+    inflight: int = 0
+    routable: bool = False
+    requests: int = 0
+    connect_failures: int = 0
+    _idle: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "gpu": self.gpu,
+            "model": self.model,
+            "url": self.base_url,
+            "routable": self.routable,
+            "inflight": self.inflight,
+            "requests": self.requests,
+            "connect_failures": self.connect_failures,
+        }
+
+
+class PoolError(MpsdError):
+    """A request cannot be given a backend; the proxy turns it into an HTTP error."""
+
+
+class UnknownModel(PoolError):
+    """No backend serves this model at all (HTTP 404)."""
+
+    def __init__(self, model: str | None, known: list[str]) -> None:
+        self.model = model
+        self.known = known
+        super().__init__(f"The model `{model}` does not exist. Valid models: {', '.join(known)}.")
+
+
+class NoCapacity(PoolError):
+    """Backends exist for the model but none is ready or free within the wait (HTTP 503)."""
+
+    def __init__(self, model: str | None, *, ready: bool, waited_s: float) -> None:
+        self.model = model
+        self.ready = ready
+        self.retry_after_s = RETRY_AFTER_SATURATED_S if ready else RETRY_AFTER_NOT_READY_S
+        what = "every engine is at its in-flight cap" if ready else "no engine is ready"
+        waited = f" after waiting {waited_s:g}s" if waited_s > 0 else ""
+        super().__init__(f"{what} for model `{model}`{waited}; retry later")
+
+
+def pick(
+    candidates: Iterable[Backend],
+    cap: int,
+    rng: random.Random,
+    exclude: Collection[Backend] = (),
+) -> Backend | None:
+    """The routable backend with the fewest requests in flight, ties broken at random.
+
+    ``cap`` = 0 means no per-engine cap; ``exclude`` holds backends already tried for this request.
+    Pure apart from drawing from ``rng``: no I/O, no state change.
+    """
+    low = math.inf
+    ties: list[Backend] = []
+    for backend in candidates:
+        n = backend.inflight
+        if not backend.routable or (cap and n >= cap) or (exclude and backend in exclude):
+            continue
+        if n < low:
+            low = n
+            ties = [backend]
+        elif n == low:
+            ties.append(backend)
+    if not ties:
+        return None
+    return ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
+
+
+class _Waiter:
+    __slots__ = ("exclude", "future", "model")
+
+    def __init__(self, model: str | None, exclude: Collection[Backend],
+                 future: asyncio.Future[Backend]) -> None:
+        self.model = model
+        self.exclude = exclude
+        self.future = future
+
+
+class BackendPool:
+    """Every engine the proxy may use, their in-flight counts, and the admission queue."""
+
+    def __init__(self, max_inflight_per_engine: int = 0, rng: random.Random | None = None) -> None:
+        self._cap = max_inflight_per_engine
+        self._rng = rng or random.Random()
+        self._backends: dict[str, Backend] = {}
+        self._by_model: dict[str, list[Backend]] = {}
+        self._all: list[Backend] = []
+        self._waiters: deque[_Waiter] = deque()
+
+    # -- registration (called by the supervisor / groups) -----------------------------------
+
+    def add(self, backend: Backend) -> None:
+        """Register ``backend``; it is not routable until ``set_routable(key, True)``."""
+        if backend.key in self._backends:
+            raise ValueError(f"backend {backend.key!r} is already registered")
+        backend.routable = False
+        self._backends[backend.key] = backend
+        self._by_model.setdefault(backend.model, []).append(backend)
+        self._all = list(self._backends.values())
+
+    def remove(self, key: str) -> None:
+        """Forget ``key`` at once; requests already on it finish and release into the object."""
+        backend = self._backends.pop(key, None)
+        if backend is None:
+            return
+        backend.routable = False
+        peers = self._by_model[backend.model]
+        peers.remove(backend)
+        if not peers:
+            del self._by_model[backend.model]
+        self._all = list(self._backends.values())
+
+    def set_routable(self, key: str, routable: bool) -> None:
+        """Effective for the very next pick; making one routable serves queued requests now."""
+        backend = self._backends.get(key)
+        if backend is None:
+            raise KeyError(key)
+        backend.routable = routable
+        if routable:
+            self._dispatch()
+
+    def set_cap(self, max_inflight_per_engine: int) -> None:
+        """Live reload of the per-engine cap (0 = none); a raised cap serves queued requests."""
+        self._cap = max_inflight_per_engine
+        self._dispatch()
+
+    async def drain(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
+        """Make ``key`` unroutable now and wait until it has nothing in flight; True if idle."""
+        backend = self._backends.get(key)
+        if backend is None:
+            raise KeyError(key)
+        backend.routable = False
+        if backend.inflight == 0:
+            return True
+        idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        backend._idle.append(idle)
+        try:
+            async with asyncio.timeout(timeout):
+                await idle
+        except TimeoutError:
+            return backend.inflight == 0
+        finally:
+            if idle in backend._idle:
+                backend._idle.remove(idle)
+        return True
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def cap(self) -> int:
+        return self._cap
+
+    def get(self, key: str) -> Backend | None:
+        return self._backends.get(key)
+
+    def backends(self) -> list[Backend]:
+        return list(self._all)
+
+    def models(self) -> list[str]:
+        """Models with at least one backend registered, routable or not (sorted)."""
+        return sorted(self._by_model)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [b.as_dict() for b in self._all]
+
+    def routable_count(self) -> int:
+        return sum(1 for b in self._all if b.routable)
+
+    def queued(self) -> int:
+        """Requests waiting in the admission queue right now."""
+        return sum(1 for w in self._waiters if not w.future.done())
+
+    def inflight_total(self) -> int:
+        return sum(b.inflight for b in self._all)
+
+    # -- leasing ------------------------------------------------------------------------------
+
+    def lease(self, model: str | None, *, wait_s: float = 0.0,
+              exclude: Collection[Backend] = ()) -> Lease:
+        """``async with pool.lease(model) as backend:`` — the only way in-flight counts change.
+
+        ``model=None`` means any backend. Raises :class:`UnknownModel` when no backend serves
+        ``model``, :class:`NoCapacity` when none is routable and free within ``wait_s``.
+        """
+        return Lease(self, model, wait_s, exclude)
+
+    def _candidates(self, model: str | None) -> list[Backend]:
+        if model is None:
+            return self._all
+        peers = self._by_model.get(model)
+        if peers is None:
+            raise UnknownModel(model, sorted(self._by_model))
+        return peers
+
+    def _take_now(self, model: str | None, exclude: Collection[Backend]) -> Backend | None:
+        backend = pick(self._candidates(model), self._cap, self._rng, exclude)
+        if backend is not None:
+            backend.inflight += 1
+            backend.requests += 1
+        return backend
+
+    async def _take(self, model: str | None, wait_s: float,
+                    exclude: Collection[Backend]) -> Backend:
+        # FIFO holds without checking the queue: every state change that frees a slot runs
+        # _dispatch at once, so a queued request never waits while a slot it could use is free.
+        backend = self._take_now(model, exclude)
+        if backend is not None:
+            return backend
+        if wait_s <= 0:
+            raise NoCapacity(model, ready=_any_routable(self._candidates(model), exclude),
+                             waited_s=0.0)
+        future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
+        self._waiters.append(_Waiter(model, exclude, future))
+        self._dispatch()
+        try:
+            async with asyncio.timeout(wait_s):
+                return await future
+        except TimeoutError:
+            if future.done() and not future.cancelled():  # granted as the clock ran out
+                self._release(future.result())
+            raise NoCapacity(model, ready=_any_routable(self._candidates_or_empty(model),
+                                                        exclude), waited_s=wait_s) from None
+        except BaseException:
+            if future.done() and not future.cancelled():  # granted, then cancelled: give back
+                self._release(future.result())
+            else:
+                future.cancel()
+            raise
+
+    def _candidates_or_empty(self, model: str | None) -> list[Backend]:
+        return self._all if model is None else self._by_model.get(model, [])
+
+    def _dispatch(self) -> None:
+        """Hand free slots to queued requests, oldest first."""
+        if not self._waiters:
+            return
+        kept: deque[_Waiter] = deque()
+        for waiter in self._waiters:
+            if waiter.future.done():
+                continue
+            candidates = self._candidates_or_empty(waiter.model)
+            backend = pick(candidates, self._cap, self._rng, waiter.exclude)
+            if backend is None:
+                kept.append(waiter)
+                continue
+            backend.inflight += 1
+            backend.requests += 1
+            waiter.future.set_result(backend)
+        self._waiters = kept
+
+    def _release(self, backend: Backend) -> None:
+        backend.inflight -= 1
+        if self._waiters:
+            self._dispatch()
+        if backend.inflight == 0 and backend._idle:
+            for idle in backend._idle:
+                if not idle.done():
+                    idle.set_result(None)
+
+
+def _any_routable(candidates: Iterable[Backend], exclude: Collection[Backend]) -> bool:
+    return any(b.routable and b not in exclude for b in candidates)
+
+
+class Lease:
+    """The async context manager :meth:`BackendPool.lease` returns (one per request).
+
+    A plain class rather than ``@asynccontextmanager``: it runs once per proxied request, and the
+    generator machinery costs more than the pick itself.
+    """
+
+    __slots__ = ("_exclude", "_model", "_pool", "_wait_s", "backend")
+
+    def __init__(self, pool: BackendPool, model: str | None, wait_s: float,
+                 exclude: Collection[Backend]) -> None:
+        self._pool = pool
+        self._model = model
+        self._wait_s = wait_s
+        self._exclude = exclude
+        self.backend: Backend | None = None
+
+    async def __aenter__(self) -> Backend:
+        if self.backend is not None:
+            raise RuntimeError("a Lease is entered once")
+        self.backend = await self._pool._take(self._model, self._wait_s, self._exclude)
+        return self.backend
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            self._pool._release(backend)
