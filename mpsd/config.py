@@ -164,7 +164,8 @@ class EngineConfig(_Frozen):
     @model_validator(mode="after")
     def _kind_fields(self) -> EngineConfig:
         if self.kind == "command" and not self.command:
-            raise ValueError("kind = \"command\" needs command = [\"server\", \"--port\", \"{port}\"]")
+            raise ValueError("kind = \"command\" needs command; write e.g. "
+                             "[\"server\", \"--port\", \"{port}\"]")
         if self.kind == "command" and not any("{port}" in part for part in self.command):
             raise ValueError("command must contain \"{port}\" so mpsd can give it its port")
         if isinstance(self.cpu_affinity, list) and len(self.cpu_affinity) != self.replicas:

@@ -1,0 +1,58 @@
+"""The ``mpsd`` command (DESIGN §7): ``run``, ``check-config`` and ``--version``.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 config error (the unit's
+``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from mpsd import __version__, daemon, logs
+from mpsd.config import config_path
+from mpsd.errors import ConfigError, ExitCode
+from mpsd.plan_view import plan_dict, plan_text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpsd", description="Many small LLM engines on one GPU host under NVIDIA MPS.")
+    parser.add_argument("--version", action="version", version=f"mpsd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the daemon in the foreground (what systemd runs)")
+    check = sub.add_parser("check-config", help="validate the config and print the plan")
+    for p in (run, check):
+        p.add_argument("-c", "--config", help="config file (default: $MPSD_CONFIG or "
+                       "/etc/mpsd/mpsd.toml)")
+    check.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    file = config_path(args.config)
+    logs.setup("auto")
+    try:
+        if args.command == "check-config":
+            resolved = anyio.run(daemon.resolve, file)
+            if args.json:
+                print(json.dumps(plan_dict(resolved.plan), indent=2))
+            else:
+                print(plan_text(resolved.plan))
+            return ExitCode.OK
+        return int(anyio.run(daemon.run, file, backend_options={"use_uvloop": True}))
+    except ConfigError as exc:
+        print(f"mpsd: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

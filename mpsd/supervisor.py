@@ -1,0 +1,161 @@
+"""All groups of the host: runs them, aggregates their state, decides the exit code.
+
+The supervisor is the groups' listener: every transition refreshes the one-line status
+(``2/2 GPUs running, 4/4 engines ready``) that systemd and ``mpsd status`` show, and when
+every group has FAILED the daemon exits 1 so that systemd's ``Restart=on-failure`` and the
+operator see it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Protocol
+
+import aiohttp
+import anyio
+
+from mpsd import logs
+from mpsd.errors import ExitCode
+from mpsd.group import Fault, GpuGroup, GroupOptions
+from mpsd.plan import Plan
+from mpsd.pool import BackendPool
+from mpsd.states import GroupState
+
+_log = logs.get("mpsd.supervisor")
+
+
+class SupervisorObserver(Protocol):
+    """Metrics and systemd hear about groups through this (each method must be cheap)."""
+
+    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None: ...
+    def fault(self, group: GpuGroup, fault: Fault) -> None: ...
+    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None: ...
+    def status(self, line: str) -> None: ...
+
+
+class Supervisor:
+    """Owns one :class:`GpuGroup` per planned GPU."""
+
+    def __init__(self, plan: Plan, options: GroupOptions, pool: BackendPool,
+                 session: aiohttp.ClientSession,
+                 observers: list[SupervisorObserver] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.observers = list(observers or [])
+        self.exit_code = ExitCode.OK
+        self.started = time.time()
+        self._stopped = anyio.Event()
+        self._settled = anyio.Event()
+        self.groups = {g.key: GpuGroup(g, options, pool, session, self, rng)
+                       for g in plan.groups}
+
+    # GroupListener -------------------------------------------------------------------
+
+    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None:
+        for observer in self.observers:
+            observer.state_changed(group, old, new)
+        self._publish()
+        states = [g.state for g in self.groups.values()]
+        if all(s in (GroupState.RUNNING, GroupState.FAILED) for s in states):
+            self._settled.set()
+        if states and all(s is GroupState.FAILED for s in states) and not self._stopped.is_set():
+            _log.error("all_groups_failed", groups=list(self.groups))
+            self.exit_code = ExitCode.FAILURE
+            self.stop()
+
+    def fault(self, group: GpuGroup, fault: Fault) -> None:
+        for observer in self.observers:
+            observer.fault(group, fault)
+
+    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None:
+        _log.info("recovery_phase", gpu=group.key, phase=phase, seconds=round(seconds, 3))
+        for observer in self.observers:
+            observer.recovered(group, phase, seconds)
+
+    # control ---------------------------------------------------------------------------
+
+    async def run(self) -> ExitCode:
+        """Run every group until ``stop()``; returns the exit code the daemon should use."""
+        async with anyio.create_task_group() as tg:
+            for group in self.groups.values():
+                tg.start_soon(group.run)
+            await self._stopped.wait()
+            for group in self.groups.values():
+                group.stop()
+        return self.exit_code
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for group in self.groups.values():
+            group.stop()
+
+    async def wait_settled(self) -> None:
+        """Until every group is RUNNING or FAILED (systemd's READY=1 moment)."""
+        await self._settled.wait()
+
+    def group(self, key: str) -> GpuGroup | None:
+        """A group by its key (``gpu0``) or by its configured device (``0``, a UUID)."""
+        return self.groups.get(key) or next(
+            (g for g in self.groups.values() if key in (g.plan.device, g.plan.uuid)), None)
+
+    # views -------------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        groups = list(self.groups.values())
+        running = sum(g.state is GroupState.RUNNING for g in groups)
+        engines = len(self.pool.snapshot())
+        ready = self.pool.routable_count()
+        line = f"{running}/{len(groups)} GPUs running, {ready}/{engines} engines ready"
+        failed = [g for g in groups if g.state is GroupState.FAILED]
+        if failed:
+            line += "; " + "; ".join(f"{g.key} FAILED: {g.reason}" for g in failed)
+        return line
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``mpsd status`` and ``/mpsd/status`` show."""
+        backends = {str(b["key"]): b for b in self.pool.snapshot()}
+        return {
+            "status": self.status_line(),
+            "mps": {"enabled": self.plan.mps_enabled, "reason": self.plan.mps_reason},
+            "groups": [_group_view(g, backends) for g in self.groups.values()],
+        }
+
+    def _publish(self) -> None:
+        line = self.status_line()
+        for observer in self.observers:
+            observer.status(line)
+
+
+def _group_view(group: GpuGroup, backends: dict[str, dict[str, object]]) -> dict[str, Any]:
+    mps = group.mps
+    return {
+        "gpu": group.key,
+        "device": group.plan.device,
+        "uuid": group.plan.uuid,
+        "state": str(group.state),
+        "since": group.since,
+        "reason": group.reason,
+        "restarts_in_window": group.budget.count(time.monotonic()),
+        "history": list(group.history),
+        "mps": None if not group.plan.mps else {
+            "pid": mps.pid if mps else None,
+            "pipe_dir": str(group.plan.pipe_dir),
+            "applied": mps.applied if mps else {},
+        },
+        "engines": [
+            {
+                "key": e.key,
+                "model": e.model,
+                "port": e.port,
+                "pid": group.engines[e.key].pid if e.key in group.engines else None,
+                "cpus": list(e.cpus or ()),
+                "ready": bool(backends.get(e.key, {}).get("routable")),
+                "inflight": backends.get(e.key, {}).get("inflight", 0),
+            }
+            for e in group.plan.engines
+        ],
+    }
+
+
