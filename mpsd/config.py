@@ -97,6 +97,7 @@ class MpsConfig(_Frozen):
     status_interval_s: Annotated[float, Field(gt=0)] = 1.0
     command_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     max_clients_per_gpu: Annotated[int, Field(gt=0)] = 48
+    env: dict[str, str] = {}
 
 
 class RestartConfig(_Frozen):

@@ -280,7 +280,8 @@ class GpuGroup:
         if self.mps is None or self.mps.pid is None:
             self.mps = MpsDaemon(
                 self.key, self.options.mps.control_binary, self.plan.uuid, self.plan.pipe_dir,
-                self.plan.log_dir, environ=self.options.environ, registry=self.options.registry,
+                self.plan.log_dir, environ=self.options.environ, extra_env=self.options.mps.env,
+                registry=self.options.registry,
                 command_timeout_s=self.options.mps.command_timeout_s, on_log=self._on_mps_log)
             try:
                 await self.mps.start()

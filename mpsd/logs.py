@@ -79,7 +79,7 @@ def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound to a component name (``mpsd.group``)."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(logger=name)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger
 
 

@@ -19,6 +19,7 @@ import anyio
 from mpsd import logs
 from mpsd.errors import MpsCommandError, SpawnError
 from mpsd.mps_log import LogTailer, MpsLogEvent
+from mpsd.plan import inherited_env
 from mpsd.process import ChildProcess
 
 _log = logs.get("mpsd.mps")
@@ -29,14 +30,15 @@ class MpsDaemon:
     """The MPS control daemon of one group, and the commands mpsd sends it."""
 
     def __init__(self, group: str, binary: str, uuid: str, pipe_dir: Path, log_dir: Path, *,
-                 environ: Mapping[str, str], registry: Path | None, command_timeout_s: float,
+                 environ: Mapping[str, str], extra_env: Mapping[str, str],
+                 registry: Path | None, command_timeout_s: float,
                  on_log: Callable[[MpsLogEvent], None]) -> None:
         self.group = group
         self.binary = binary
         self.uuid = uuid
         self.pipe_dir = pipe_dir
         self.log_dir = log_dir
-        self._env = {k: v for k, v in environ.items() if k in ("PATH", "HOME", "LANG")}
+        self._env = inherited_env(environ) | dict(extra_env)
         self._env.update(CUDA_VISIBLE_DEVICES=uuid, CUDA_MPS_PIPE_DIRECTORY=str(pipe_dir),
                          CUDA_MPS_LOG_DIRECTORY=str(log_dir))
         self._registry = registry

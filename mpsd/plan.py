@@ -193,8 +193,7 @@ def engine_env(environ: Mapping[str, str], uuid: str, pipe_dir: Path | None, log
     ``NOTIFY_SOCKET``, ``WATCHDOG_*`` and ``LISTEN_*`` never pass: an engine must not talk to
     systemd as if it were mpsd.
     """
-    env = {k: v for k, v in environ.items()
-           if k in _INHERITED_ENV or k.startswith(_INHERITED_PREFIXES)}
+    env = inherited_env(environ)
     env["CUDA_VISIBLE_DEVICES"] = uuid
     if pipe_dir is not None:
         env["CUDA_MPS_PIPE_DIRECTORY"] = str(pipe_dir)
@@ -205,6 +204,13 @@ def engine_env(environ: Mapping[str, str], uuid: str, pipe_dir: Path | None, log
             env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"{uuid}={pinned_limit // 2**20}M"
     env.update({k: fill(v, substitute) for k, v in engine.env.items()})
     return env
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of mpsd's own environment a child may see (locale, PATH, HOME; never
+    ``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``)."""
+    return {k: v for k, v in environ.items()
+            if k in _INHERITED_ENV or k.startswith(_INHERITED_PREFIXES)}
 
 
 def engine_argv(engine: EngineConfig, port: int, share: float | None,

@@ -1,0 +1,7 @@
+"""``python -m mpsd`` is the ``mpsd`` command."""
+
+import sys
+
+from mpsd.cli import main
+
+sys.exit(main())

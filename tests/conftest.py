@@ -1,0 +1,47 @@
+"""Fixtures shared by every test: a short work directory and the no-leftover-process check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Mpsd, processes_mentioning
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh directory with a short path (MPS pipe sockets must fit in sun_path)."""
+    path = Path(tempfile.mkdtemp(prefix="mpsd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any test that leaves a process behind (found by its work directory)."""
+    if "workdir" not in request.fixturenames:
+        yield
+        return
+    workdir: Path = request.getfixturevalue("workdir")
+    yield
+    leaked = list(processes_mentioning(str(workdir)))
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leaked, f"processes outlived the test: {leaked}"
+
+
+@pytest.fixture
+def mpsd(workdir: Path) -> Iterator[Mpsd]:
+    """An unstarted ``mpsd run`` (configure, then ``.start()``); killed if the test did not."""
+    daemon = Mpsd(workdir)
+    yield daemon
+    daemon.kill()

@@ -1,0 +1,99 @@
+"""The config contract: defaults merge, every invalid class names file, key and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpsd.config import Config, load_config, parse_config, parse_cpu_list, parse_size
+from mpsd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def minimal(**engine: Any) -> dict[str, Any]:
+    return {"gpu": [{"device": "0", "engine": [{"model": "m", **engine}]}]}
+
+
+def test_shipped_example_config_loads() -> None:
+    config = load_config(REPO / "etc" / "mpsd" / "mpsd.toml")
+    engine = config.gpu[0].engine[0]
+    assert engine.replicas == 2
+    assert engine.cpu_affinity == "auto"
+    assert config.proxy.port == 8000
+
+
+def test_defaults_are_inherited_and_overridden() -> None:
+    raw = minimal(stop_timeout_s=5)
+    raw["defaults"] = {"stop_timeout_s": 9, "health_failures": 7}
+    engine = parse_config(raw).gpu[0].engine[0]
+    assert engine.stop_timeout_s == 5
+    assert engine.health_failures == 7
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fix_word"),
+    [
+        ({"gpu": []}, "gpu", "add"),
+        ({"gpu": [{"device": "0", "engine": [{"model": "m", "replcas": 2}]}]},
+         "gpu[0].engine[0].replcas", "spelling"),
+        (minimal(replicas=0), "gpu[0].engine[0].replicas", "larger"),
+        (minimal(gpu_memory_utilization=0.5, replicas=2), "gpu[0]", "0.95"),
+        (minimal(kind="command"), "gpu[0].engine[0]", "{port}"),
+        (minimal(kind="command", command=["srv"]), "gpu[0].engine[0]", "port"),
+        (minimal(pinned_memory_limit="lots"), "gpu[0].engine[0].pinned_memory_limit", "30G"),
+        (minimal(cpu_affinity=["0-3"], replicas=2), "gpu[0].engine[0]", "per replica"),
+        (minimal(cpu_affinity=["a"]), "gpu[0].engine[0].cpu_affinity", "cpu list"),
+        (minimal(env={"NOTIFY_SOCKET": "x"}), "gpu[0].engine[0].env", "etc/mpsd"),
+        (minimal(pinned_memory_limit="10G", gpu_memory_utilization=0.3),
+         "gpu[0].engine[0]", "not both"),
+        ({"mps": {"enabled": "maybe"}, **minimal()}, "mps.enabled", "values"),
+        ({"proxy": {"listen": "8000"}, **minimal()}, "proxy.listen", "127.0.0.1:8000"),
+        ({"defaults": {"modle": "x"}, **minimal()}, "defaults.modle", "one of"),
+        ({"gpu": [{"device": "0", "engine": [{"model": "a"}, {"model": "a"}]}]},
+         "gpu[0]", "distinct name"),
+        ({"gpu": [{"device": "0", "engine": [{"model": "a"}]},
+                  {"device": "0", "engine": [{"model": "b"}]}]}, "", "distinct"),
+    ],
+)
+def test_invalid_configs_name_key_and_fix(raw: dict[str, Any], key: str, fix_word: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "/etc/mpsd/mpsd.toml")
+    err = info.value
+    assert err.file == "/etc/mpsd/mpsd.toml"
+    assert err.key == key
+    assert fix_word in str(err)
+    assert "Fix:" in str(err)
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[proxy\nlisten = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        load_config(path)
+    assert info.value.file == str(path)
+
+
+def test_missing_file_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30G", 30 << 30), ("512M", 512 << 20),
+                                                 ("1.5G", int(1.5 * (1 << 30))), ("64k", 65536)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0-3", (0, 1, 2, 3)), ("1,3", (1, 3)),
+                                                ("4,0-1", (0, 1, 4))])
+def test_parse_cpu_list(text: str, expected: tuple[int, ...]) -> None:
+    assert parse_cpu_list(text) == expected
+
+
+def test_config_is_frozen() -> None:
+    config: Config = parse_config(minimal())
+    with pytest.raises(ValueError, match="frozen"):
+        config.gpu[0].engine[0].replicas = 3  # type: ignore[misc]
