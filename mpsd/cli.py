@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from mpsd import __version__, daemon, logs
+from mpsd import __version__, host, logs
 from mpsd.config import config_path
 from mpsd.errors import ConfigError, ExitCode
 from mpsd.plan_view import plan_dict, plan_text
@@ -40,12 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("auto")
     try:
         if args.command == "check-config":
-            resolved = anyio.run(daemon.resolve, file)
+            resolved = anyio.run(host.resolve, file)
             if args.json:
                 print(json.dumps(plan_dict(resolved.plan), indent=2))
             else:
                 print(plan_text(resolved.plan))
             return ExitCode.OK
+        from mpsd import daemon  # the proxy's imports are needed only to serve
+
         return int(anyio.run(daemon.run, file, backend_options={"use_uvloop": True}))
     except ConfigError as exc:
         print(f"mpsd: {exc}", file=sys.stderr)

@@ -8,47 +8,21 @@ their MPS daemons, then the proxy closes. Signals are handled here and nowhere e
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-from dataclasses import dataclass
 
 import aiohttp
 import anyio
 
-from mpsd import gpus, logs
-from mpsd.config import Config, load_config
+from mpsd import logs
 from mpsd.errors import ExitCode
 from mpsd.group import GroupOptions
-from mpsd.plan import HostFacts, Plan, build_plan, usable_cpus
+from mpsd.host import resolve
 from mpsd.pool import BackendPool
 from mpsd.process import reap_leftovers
 from mpsd.proxy import ProxyServer
 from mpsd.supervisor import Supervisor
 
 _log = logs.get("mpsd.daemon")
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A config file read and planned against this host."""
-
-    file: str
-    config: Config
-    plan: Plan
-
-
-async def host_facts(config: Config) -> HostFacts:
-    """GPU inventory (NVML, off the loop), the MPS control binary, the usable cores."""
-    inventory = await anyio.to_thread.run_sync(gpus.probe_inventory)
-    return HostFacts(inventory=inventory, mps_binary=shutil.which(config.mps.control_binary),
-                     cpus=usable_cpus(), environ=dict(os.environ))
-
-
-async def resolve(file: str) -> Resolved:
-    """Load and plan; :class:`mpsd.errors.ConfigError` when the file cannot work here."""
-    config = load_config(file)
-    plan = build_plan(config, await host_facts(config), file)
-    return Resolved(file, config, plan)
 
 
 async def run(file: str) -> ExitCode:

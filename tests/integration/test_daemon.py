@@ -1,0 +1,228 @@
+"""``mpsd run`` end to end: ordered start, the fault signals, recovery, budgets, shutdown.
+
+Each test starts the real daemon as a subprocess with the fake MPS control binary and fake
+vLLM engines (real processes, real sockets) and reads what happened from the JSON logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.harness import FAKE_MPS, Mpsd, http, wait_until
+
+
+def running(m: Mpsd, gpus: int = 1, timeout: float = 30.0) -> None:
+    for i in range(gpus):
+        m.wait_state(f"gpu{i}", "running", timeout)
+
+
+def mps_command(m: Mpsd, gpu: str, line: str) -> str:
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(m.workdir / "run" / gpu / "pipe")}
+    out = subprocess.run([str(FAKE_MPS)], input=line + "\n", capture_output=True, text=True,
+                         env=env, timeout=10, check=True)
+    return out.stdout
+
+
+def log_index(m: Mpsd, event: str, **match: object) -> int:
+    """Position of the first matching event in mpsd's log (the log has one writer)."""
+    for i, e in enumerate(m.log()):
+        if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
+            return i
+    raise AssertionError(f"no {event} {match}")
+
+
+def test_ordered_start_and_serving(mpsd: Mpsd) -> None:
+    mpsd.start()
+    running(mpsd)
+    mps_started = log_index(mpsd, "mps_daemon_ready", gpu="gpu0")
+    first_start = log_index(mpsd, "process_started", engine="gpu0/tiny-0")
+    first_ready = log_index(mpsd, "engine_ready", engine="gpu0/tiny-0")
+    second_start = log_index(mpsd, "process_started", engine="gpu0/tiny-1")
+    assert mps_started < first_start < first_ready < second_start
+    # both engines are MPS clients of the group's server
+    servers = mps_command(mpsd, "gpu0", "get_server_list").split()
+    clients = {int(p) for p in mps_command(mpsd, "gpu0", f"get_client_list {servers[0]}").split()}
+    assert len(clients) == 2
+    code, _, body = http("POST", f"{mpsd.url}/v1/completions",
+                         {"model": "tiny", "prompt": "hi", "max_tokens": 3})
+    assert code == 200, body
+    assert mpsd.terminate() == 0
+
+
+def test_kill9_of_one_engine_recovers_its_whole_group_only(mpsd: Mpsd) -> None:
+    mpsd.gpus = 2
+    mpsd.start()
+    running(mpsd, gpus=2)
+    before = mpsd.engine_pids("gpu0")
+    other = mpsd.engine_pids("gpu1")
+    os.kill(before["gpu0/tiny-0"], signal.SIGKILL)
+    mpsd.wait_state("gpu0", "recovering")
+    mpsd.wait_state("gpu0", "running", after=1)
+    after = mpsd.engine_pids("gpu0")
+    assert set(after.values()).isdisjoint(before.values())  # both engines were replaced
+    assert mpsd.engine_pids("gpu1") == other
+    assert [e["to"] for e in mpsd.events("group_state", gpu="gpu1")] == ["starting", "running"]
+    assert len(mpsd.events("mps_daemon_ready", gpu="gpu0")) == 1  # the daemon was kept
+    phases = {e["phase"] for e in mpsd.events("recovery_phase", gpu="gpu0")}
+    assert phases == {"mps", "engine"}
+    assert mpsd.terminate() == 0
+
+
+def test_mps_off_restarts_only_the_dead_engine(mpsd: Mpsd) -> None:
+    mpsd.mps = "off"
+    mpsd.start()
+    running(mpsd)
+    before = mpsd.engine_pids()
+    os.kill(before["gpu0/tiny-0"], signal.SIGKILL)
+    mpsd.wait_log("engine_ready", engine="gpu0/tiny-0", count=2)
+    after = mpsd.engine_pids()
+    assert after["gpu0/tiny-1"] == before["gpu0/tiny-1"]
+    assert after["gpu0/tiny-0"] != before["gpu0/tiny-0"]
+    assert "recovering" not in [e["to"] for e in mpsd.events("group_state", gpu="gpu0")]
+    assert not mpsd.events("mps_daemon_ready")
+    assert mpsd.terminate() == 0
+
+
+def test_hung_engine_fails_health_and_group_recovers(mpsd: Mpsd) -> None:
+    mpsd.start()
+    running(mpsd)
+    port = mpsd.engine_ports()[1]
+    mpsd.control(port, "hang")
+    faults = mpsd.wait_log("fault_detected", gpu="gpu0")
+    assert faults[0]["signal"] == "health"
+    mpsd.wait_state("gpu0", "running", after=1)
+    assert mpsd.terminate() == 0
+
+
+def test_simulated_mps_fault_recovers_without_restarting_the_daemon(mpsd: Mpsd) -> None:
+    mpsd.start()
+    running(mpsd)
+    mps_command(mpsd, "gpu0", "fake_fault")
+    faults = mpsd.wait_log("fault_detected", gpu="gpu0")
+    assert faults[0]["signal"] in {"mps_log", "mps_status", "engine_exit"}
+    mpsd.wait_state("gpu0", "running", after=1)
+    assert len(mpsd.events("mps_daemon_ready", gpu="gpu0")) == 1
+    assert not mpsd.events("mps_daemon_replace")
+    assert mpsd.terminate() == 0
+
+
+def test_mps_daemon_killed_is_replaced_before_engines_start(mpsd: Mpsd) -> None:
+    mpsd.start()
+    running(mpsd)
+    daemon = mpsd.events("process_started", name="mps-control-gpu0")[0]["pid"]
+    os.kill(daemon, signal.SIGKILL)
+    mpsd.wait_state("gpu0", "running", after=1)
+    readies = [i for i, e in enumerate(mpsd.log()) if e.get("event") == "mps_daemon_ready"]
+    assert len(readies) == 2
+    restarted = [i for i, e in enumerate(mpsd.log())
+                 if e.get("event") == "process_started" and e.get("engine")]
+    assert all(i > readies[1] for i in restarted[2:])
+    assert mpsd.terminate() == 0
+
+
+def test_crash_loop_fails_the_group_and_the_daemon_stays_up(mpsd: Mpsd) -> None:
+    mpsd.gpus = 2
+    base = mpsd.engine_port_base
+    mpsd.engine_env = {f"FAKE_ENGINE_CRASH_AFTER_S_PORT_{base}": "0.1"}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "failed", timeout=60)
+    failed = mpsd.events("group_state", gpu="gpu0", to="failed")[0]
+    assert "crash loop" in failed["reason"]
+    assert len(mpsd.events("fault_detected", gpu="gpu0")) == 4  # max_restarts 3, then FAILED
+    mpsd.wait_state("gpu1", "running")
+    assert mpsd.proc is not None and mpsd.proc.poll() is None
+    status = mpsd.status()
+    gpu0 = next(g for g in status["groups"] if g["gpu"] == "gpu0")
+    assert gpu0["state"] == "failed" and "crash loop" in gpu0["reason"]
+    assert mpsd.terminate() == 0
+
+
+def test_every_group_failed_exits_1(mpsd: Mpsd) -> None:
+    mpsd.overrides = {"engine": {"executable": str(mpsd.workdir / "no-such-vllm")}}
+    mpsd.start()
+    assert mpsd.proc is not None
+    assert mpsd.proc.wait(30) == 1
+    failed = mpsd.events("group_state", to="failed")
+    assert len(failed) == 1 and "boot failure" in failed[0]["reason"]
+    assert len(mpsd.events("group_state", to="starting")) == 1  # no restart loop
+
+
+def test_engine_failing_at_boot_goes_failed_without_looping(mpsd: Mpsd) -> None:
+    mpsd.gpus = 2
+    mpsd.engine_env = {f"FAKE_ENGINE_FAIL_START_PORT_{mpsd.engine_port_base}": "1"}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "failed")
+    mpsd.wait_state("gpu1", "running")
+    assert len(mpsd.events("group_state", gpu="gpu0", to="starting")) == 1
+    assert mpsd.terminate() == 0
+
+
+def test_engine_ignoring_sigterm_is_killed_after_the_deadline(mpsd: Mpsd) -> None:
+    mpsd.engine_env = {"FAKE_ENGINE_IGNORE_SIGTERM": "1"}
+    mpsd.start()
+    running(mpsd)
+    started = time.monotonic()
+    assert mpsd.terminate() == 0
+    assert time.monotonic() - started < 20
+    assert len(mpsd.events("stop_deadline_passed")) == 2
+    # with MPS on, the safe stop asks the server to terminate the client before SIGKILL
+    assert mpsd.events("mps_client_terminated")
+
+
+def test_sigterm_during_slow_start_exits_promptly(mpsd: Mpsd) -> None:
+    mpsd.engine_env = {"FAKE_ENGINE_START_DELAY_S": "60"}
+    mpsd.start()
+    mpsd.wait_log("process_started", engine="gpu0/tiny-0")
+    started = time.monotonic()
+    assert mpsd.terminate() == 0
+    assert time.monotonic() - started < 15
+
+
+def test_engine_environment_is_allow_listed(mpsd: Mpsd) -> None:
+    os.environ["NOTIFY_SOCKET"] = "/nonexistent/notify"
+    try:
+        mpsd.start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    running(mpsd)
+    envs = wait_until(lambda: mpsd.engine_events_of("env"), what="engine env events")
+    env = envs[0]["env"]
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(mpsd.workdir / "run" / "gpu0" / "pipe")
+    assert env["CUDA_MPS_LOG_DIRECTORY"] == str(mpsd.workdir / "log" / "gpu0")
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert not env.get("NOTIFY_SOCKET")
+    assert mpsd.terminate() == 0
+
+
+@pytest.mark.parametrize(("section", "values", "key"), [
+    ("engine", {"replicas": 0}, "replicas"),
+    ("proxy", {"listen": "nowhere"}, "proxy.listen"),
+    ("mps", {"enabled": "sometimes"}, "mps.enabled"),
+    ("engine", {"gpu_memory_utilization": 0.9}, "gpu[0]"),
+    ("daemon", {"colour": "blue"}, "daemon.colour"),
+])
+def test_bad_config_exits_78_with_file_key_and_fix(mpsd: Mpsd, section: str,
+                                                   values: dict[str, object], key: str) -> None:
+    mpsd.overrides = {section: values}
+    path = mpsd.write_config()
+    for command in ("check-config", "run"):
+        out = subprocess.run([sys.executable, "-m", "mpsd", command, "-c", str(path)],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert out.returncode == 78, out.stderr
+        assert str(path) in out.stderr and key in out.stderr and "Fix:" in out.stderr
+
+
+def test_check_config_prints_the_plan_of_the_shipped_example() -> None:
+    out = subprocess.run([sys.executable, "-m", "mpsd", "check-config", "-c",
+                          "etc/mpsd/mpsd.toml"], capture_output=True, text=True, timeout=30,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert "gpu0/qwen2.5-0.5b-instruct-0" in out.stdout
+    assert "--served-model-name Qwen/Qwen2.5-0.5B-Instruct" in out.stdout
+    assert "port 18101" in out.stdout
