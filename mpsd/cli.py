@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(plan_text(resolved.plan))
             return ExitCode.OK
-        from mpsd import daemon  # the proxy's imports are needed only to serve
+        from mpsd import daemon  # noqa: PLC0415 - the proxy's imports are for serving only
 
         return int(anyio.run(daemon.run, file, backend_options={"use_uvloop": True}))
     except ConfigError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -32,10 +33,8 @@ def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     leaked = list(processes_mentioning(str(workdir)))
     for pid in leaked:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert not leaked, f"processes outlived the test: {leaked}"
 
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.harness import FAKE_MPS, Mpsd, http, wait_until
+from tests.harness import FAKE_MPS, REPO, Mpsd, http, wait_until
 
 
 def running(m: Mpsd, gpus: int = 1, timeout: float = 30.0) -> None:
@@ -221,8 +221,7 @@ def test_bad_config_exits_78_with_file_key_and_fix(mpsd: Mpsd, section: str,
 def test_check_config_prints_the_plan_of_the_shipped_example() -> None:
     out = subprocess.run([sys.executable, "-m", "mpsd", "check-config", "-c",
                           "etc/mpsd/mpsd.toml"], capture_output=True, text=True, timeout=30,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                             os.path.abspath(__file__)))))
+                         check=True, cwd=REPO)
     assert "gpu0/qwen2.5-0.5b-instruct-0" in out.stdout
     assert "--served-model-name Qwen/Qwen2.5-0.5B-Instruct" in out.stdout
     assert "port 18101" in out.stdout
