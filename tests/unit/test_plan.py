@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mpsd.config import parse_config
+from mpsd.config import parse_config, parse_cpu_list
 from mpsd.errors import ConfigError
 from mpsd.gpus import GpuInfo, GpuInventory
 from mpsd.plan import HostFacts, build_plan, cpu_list, fill, memory_share, vllm_shutdown_timeout
@@ -166,7 +166,6 @@ def test_shutdown_timeout_leaves_room_before_the_kill(stop: float) -> None:
 
 @given(st.sets(st.integers(min_value=0, max_value=64), min_size=1))
 def test_cpu_list_round_trips(cores: set[int]) -> None:
-    from mpsd.config import parse_cpu_list
     assert parse_cpu_list(cpu_list(cores)) == tuple(sorted(cores))
 
 
