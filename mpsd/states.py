@@ -9,6 +9,10 @@ import enum
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpsd.config import RestartConfig
 
 
 class GroupState(enum.StrEnum):
@@ -76,6 +80,14 @@ class RestartBudget:
 
     def reset(self) -> None:
         self._times.clear()
+
+    def update(self, config: RestartConfig) -> None:
+        """Take new limits (reload) and keep the restarts already counted."""
+        self.max_restarts = config.max_restarts
+        self.window_s = config.window_s
+        self.stable_after_s = config.stable_after_s
+        self.backoff_initial_s = config.backoff_initial_s
+        self.backoff_max_s = config.backoff_max_s
 
     def backoff(self, now: float, rng: random.Random) -> float:
         """Delay before the next start: exponential in the recent restarts, with jitter.

@@ -14,11 +14,12 @@ from typing import Any, Protocol
 
 import aiohttp
 import anyio
+from anyio.abc import TaskGroup
 
 from mpsd import logs
 from mpsd.errors import ExitCode
 from mpsd.group import Fault, GpuGroup, GroupOptions
-from mpsd.plan import Plan
+from mpsd.plan import GroupPlan, Plan
 from mpsd.pool import BackendPool
 from mpsd.states import GroupState
 
@@ -46,10 +47,14 @@ class Supervisor:
         self.observers = list(observers or [])
         self.exit_code = ExitCode.OK
         self.started = time.time()
+        self.options = options
+        self._session = session
+        self._rng = rng
         self._stopped = anyio.Event()
         self._settled = anyio.Event()
-        self.groups = {g.key: GpuGroup(g, options, pool, session, self, rng)
-                       for g in plan.groups}
+        self._done: dict[str, anyio.Event] = {}
+        self._tg: TaskGroup | None = None
+        self.groups = {g.key: self._new_group(g) for g in plan.groups}
 
     # GroupListener -------------------------------------------------------------------
 
@@ -79,12 +84,66 @@ class Supervisor:
     async def run(self) -> ExitCode:
         """Run every group until ``stop()``; returns the exit code the daemon should use."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for group in self.groups.values():
-                tg.start_soon(group.run)
+                self._spawn(group)
             await self._stopped.wait()
             for group in self.groups.values():
                 group.stop()
+        self._tg = None
         return self.exit_code
+
+    async def reload(self, plan: Plan, options: GroupOptions) -> dict[str, list[str]]:
+        """Apply a new plan by diff: untouched groups keep serving, others stop/start.
+
+        A group is untouched when its plan and its MPS settings are equal; restart and drain
+        settings are applied to every group live. Removed groups drain and stop; changed
+        groups are stopped (safely, engine by engine) and started from the new plan.
+        """
+        old = self.groups
+        new = {g.key: g for g in plan.groups}
+        mps_same = _mps_identity(options) == _mps_identity(self.options)
+        unchanged = [k for k in old if k in new and old[k].plan == new[k] and mps_same]
+        changed = [k for k in old if k in new and k not in unchanged]
+        removed = [k for k in old if k not in new]
+        added = [k for k in new if k not in old]
+        _log.info("reload_plan", unchanged=unchanged, changed=changed, removed=removed,
+                  added=added)
+        self.plan, self.options = plan, options
+        for key in unchanged:
+            old[key].options = options
+            old[key].budget.update(options.restart)
+        async with anyio.create_task_group() as tg:
+            for key in changed + removed:
+                tg.start_soon(self._stop_group, key)
+        for key in removed:
+            del self.groups[key]
+        for key in changed + added:
+            self.groups[key] = self._new_group(new[key])
+            self._spawn(self.groups[key])
+        self.groups = {g.key: self.groups[g.key] for g in plan.groups}
+        self._settled = anyio.Event()
+        self._publish()
+        return {"unchanged": unchanged, "changed": changed, "removed": removed, "added": added}
+
+    def _new_group(self, plan: GroupPlan) -> GpuGroup:
+        return GpuGroup(plan, self.options, self.pool, self._session, self, self._rng)
+
+    def _spawn(self, group: GpuGroup) -> None:
+        assert self._tg is not None, "groups start only inside run()"
+        done = self._done[group.key] = anyio.Event()
+
+        async def run_group() -> None:
+            try:
+                await group.run()
+            finally:
+                done.set()
+
+        self._tg.start_soon(run_group)
+
+    async def _stop_group(self, key: str) -> None:
+        self.groups[key].stop()
+        await self._done[key].wait()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -126,6 +185,11 @@ class Supervisor:
         line = self.status_line()
         for observer in self.observers:
             observer.status(line)
+
+
+def _mps_identity(options: GroupOptions) -> tuple[str, dict[str, str]]:
+    """The MPS settings that need a new daemon when they change."""
+    return options.mps.control_binary, dict(options.mps.env)
 
 
 def _group_view(group: GpuGroup, backends: dict[str, dict[str, object]]) -> dict[str, Any]:
