@@ -126,6 +126,33 @@ class Supervisor:
         self._publish()
         return {"unchanged": unchanged, "changed": changed, "removed": removed, "added": added}
 
+    async def drain_group(self, key: str) -> GpuGroup:
+        """Take one GPU out of service on purpose: its engines drain and stop, its MPS daemon
+        quits, and it stays STOPPED until ``restart_group``. Other GPUs are untouched."""
+        group = self._require(key)
+        if group.state is not GroupState.STOPPED:
+            await self._stop_group(group.key)
+        return group
+
+    async def restart_group(self, key: str) -> GpuGroup:
+        """``mpsd restart GPU``: a FAILED group forgets its crash history and starts again; a
+        drained (STOPPED) one starts again; a running one is stopped safely and started."""
+        group = self._require(key)
+        if group.state is GroupState.FAILED:
+            group.restart()
+            return group
+        if group.state is not GroupState.STOPPED:
+            await self._stop_group(group.key)
+        fresh = self.groups[group.key] = self._new_group(group.plan)
+        self._spawn(fresh)
+        return fresh
+
+    def _require(self, key: str) -> GpuGroup:
+        group = self.group(key)
+        if group is None:
+            raise KeyError(f"no GPU {key!r}; known: {', '.join(self.groups)}")
+        return group
+
     def _new_group(self, plan: GroupPlan) -> GpuGroup:
         return GpuGroup(plan, self.options, self.pool, self._session, self, self._rng)
 
