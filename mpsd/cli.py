@@ -1,4 +1,4 @@
-"""The ``mpsd`` command (DESIGN §7): ``run``, ``check-config`` and ``--version``.
+"""The ``mpsd`` command (DESIGN §7): run, check-config, status, restart, drain, reload.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 config error (the unit's
 ``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop).
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from mpsd import __version__, host, logs
+from mpsd import __version__, control_client, host, logs
 from mpsd.config import config_path
 from mpsd.errors import ConfigError, ExitCode
 from mpsd.plan_view import plan_dict, plan_text
@@ -30,13 +30,36 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="config file (default: $MPSD_CONFIG or "
                        "/etc/mpsd/mpsd.toml)")
     check.add_argument("--json", action="store_true", help="print the plan as JSON")
+    status = sub.add_parser("status", help="show GPUs, engines and faults of the running daemon")
+    status.add_argument("--json", action="store_true", help="print the raw status JSON")
+    restart = sub.add_parser("restart", help="restart one GPU (clears FAILED)")
+    drain = sub.add_parser("drain", help="drain and stop one GPU until `mpsd restart GPU`")
+    for p in (restart, drain):
+        p.add_argument("gpu", metavar="GPU", help="gpu0, a device index or a UUID")
+    reload = sub.add_parser("reload", help="re-read the config and apply it (like SIGHUP)")
+    for p in (status, restart, drain, reload):
+        p.add_argument("-c", "--config", help="config file, to find daemon.state_dir")
+        p.add_argument("--socket", help="control socket (default: <state_dir>/control.sock)")
     return parser
+
+
+def _control(args: argparse.Namespace, file: str) -> int:
+    sock = control_client.resolve_socket(args.socket, file)
+    if args.command == "status":
+        return control_client.status(sock, args.json)
+    if args.command == "restart":
+        return control_client.restart(sock, args.gpu)
+    if args.command == "drain":
+        return control_client.drain(sock, args.gpu)
+    return control_client.reload(sock)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = _parser().parse_args(argv)
     file = config_path(args.config)
+    if args.command in ("status", "restart", "drain", "reload"):
+        return _control(args, file)
     logs.setup("auto")
     try:
         if args.command == "check-config":

@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mpsd import logs
-from mpsd.errors import ExitCode
+from mpsd.errors import ExitCode, MpsdError
 from mpsd.group import Fault, GpuGroup, GroupOptions
 from mpsd.plan import GroupPlan, Plan
 from mpsd.pool import BackendPool
@@ -100,6 +100,8 @@ class Supervisor:
         settings are applied to every group live. Removed groups drain and stop; changed
         groups are stopped (safely, engine by engine) and started from the new plan.
         """
+        if self._stopped.is_set():
+            raise MpsdError("mpsd is shutting down")
         old = self.groups
         new = {g.key: g for g in plan.groups}
         mps_same = _mps_identity(options) == _mps_identity(self.options)
@@ -138,6 +140,8 @@ class Supervisor:
         """``mpsd restart GPU``: a FAILED group forgets its crash history and starts again; a
         drained (STOPPED) one starts again; a running one is stopped safely and started."""
         group = self._require(key)
+        if self._stopped.is_set():
+            raise MpsdError("mpsd is shutting down")
         if group.state is GroupState.FAILED:
             group.restart()
             return group
