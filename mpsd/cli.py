@@ -15,7 +15,7 @@ import anyio
 
 from mpsd import __version__, control_client, host, logs
 from mpsd.config import config_path
-from mpsd.errors import ConfigError, ExitCode
+from mpsd.errors import ConfigError, ExitCode, MpsdError
 from mpsd.plan_view import plan_dict, plan_text
 
 
@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    except MpsdError as exc:
+        print(f"mpsd: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.OK
 

@@ -1,28 +1,122 @@
 """The composition root of ``mpsd run``: signals, ordered start and ordered stop.
 
 Start: facts about the host → plan → reap a previous run's leftovers → proxy listening →
-groups (MPS, then engines). Stop (SIGTERM/SIGINT): groups drain and stop their engines, then
-their MPS daemons, then the proxy closes. Signals are handled here and nowhere else.
+control socket → groups (MPS, then engines) → ``READY=1`` once every group is RUNNING or
+FAILED. Stop (SIGTERM/SIGINT): ``STOPPING=1``, groups drain and stop their engines, then
+their MPS daemons, then the control socket and the proxy close. SIGHUP (and ``mpsd reload``)
+re-plans the file and applies it by diff; a bad file keeps the old config serving. Signals are
+handled here and nowhere else.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import aiohttp
 import anyio
 
-from mpsd import logs
-from mpsd.errors import ExitCode
-from mpsd.group import GroupOptions
+from mpsd import __version__, logs
+from mpsd.config import Config
+from mpsd.control import ControlServer
+from mpsd.control_client import socket_path
+from mpsd.errors import ConfigError, ExitCode
+from mpsd.group import Fault, GpuGroup, GroupOptions
 from mpsd.host import resolve
+from mpsd.metrics import Metrics, metrics_handler
 from mpsd.pool import BackendPool
 from mpsd.process import reap_leftovers
 from mpsd.proxy import ProxyServer
+from mpsd.states import GroupState
+from mpsd.status_page import status_page_handler
 from mpsd.supervisor import Supervisor
+from mpsd.systemd import Notifier
 
 _log = logs.get("mpsd.daemon")
+_METRICS_POLL_S = 10.0
+_EXTEND_EVERY_S = 20.0
+
+
+def group_options(config: Config) -> GroupOptions:
+    """What every group needs from the config's non-GPU sections."""
+    return GroupOptions(mps=config.mps, restart=config.restart,
+                        drain_timeout_s=config.proxy.drain_timeout_s,
+                        registry=config.daemon.state_dir / "pgids", environ=dict(os.environ))
+
+
+class _StatusToSystemd:
+    """Forwards the supervisor's status line to ``STATUS=`` (the other events are metrics')."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+
+    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None:
+        """Transitions reach systemd through ``status()``, which follows every one."""
+
+    def fault(self, group: GpuGroup, fault: Fault) -> None:
+        """Faults are logged by the group and counted by the metrics."""
+
+    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None:
+        """Recovery times are logged by the supervisor and recorded by the metrics."""
+
+    def status(self, line: str) -> None:
+        self._notifier.status(line)
+
+
+class Daemon:
+    """One ``mpsd run``: owns the pieces for the lifetime of the process."""
+
+    def __init__(self, file: str, config: Config, supervisor: Supervisor, proxy: ProxyServer,
+                 notifier: Notifier) -> None:
+        self.file = file
+        self.config = config
+        self.supervisor = supervisor
+        self.proxy = proxy
+        self.notifier = notifier
+        self._reload_lock = anyio.Lock()
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the file and apply it; on any config error keep serving the old one."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            _log.info("reload_started", config=self.file)
+            try:
+                resolved = await resolve(self.file)
+            except ConfigError as exc:
+                _log.error("reload_rejected", error=str(exc))
+                self.notifier.ready(f"reload failed, old config kept: {exc}")
+                return {"ok": False, "error": str(exc)}
+            config = resolved.config
+            result = await self.supervisor.reload(resolved.plan, group_options(config))
+            self.proxy.apply(config.proxy)
+            self.supervisor.pool.set_cap(config.proxy.max_inflight_per_engine)
+            self.config = config
+            self.notifier.ready(self.supervisor.status_line())
+            _log.info("reload_done", **result)
+            return {"ok": True, **result}
+
+    async def handle_signals(self) -> None:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with anyio.open_signal_receiver(*signals) as received:
+            async with anyio.create_task_group() as tg:
+                async for signum in received:
+                    _log.info("signal_received", signal=signal.Signals(signum).name)
+                    if signum == signal.SIGHUP:
+                        tg.start_soon(self.reload)
+                        continue
+                    self.notifier.stopping("stopping: draining engines")
+                    self.supervisor.stop()
+
+    async def announce_ready(self) -> None:
+        """``EXTEND_TIMEOUT_USEC`` while engines load, ``READY=1`` once every group settled."""
+        while True:
+            with anyio.move_on_after(_EXTEND_EVERY_S / 2):
+                await self.supervisor.wait_settled()
+                break
+            self.notifier.extend_timeout(_EXTEND_EVERY_S)
+        self.notifier.ready(self.supervisor.status_line())
+        _log.info("mpsd_ready", status=self.supervisor.status_line())
 
 
 async def run(file: str) -> ExitCode:
@@ -30,37 +124,41 @@ async def run(file: str) -> ExitCode:
     resolved = await resolve(file)
     config, plan = resolved.config, resolved.plan
     logs.setup(config.daemon.log_format, config.daemon.log_level)
-    _log.info("mpsd_starting", config=file, pid=os.getpid(), groups=len(plan.groups),
-              engines=sum(len(g.engines) for g in plan.groups))
+    _log.info("mpsd_starting", version=__version__, config=file, pid=os.getpid(),
+              groups=len(plan.groups), engines=sum(len(g.engines) for g in plan.groups))
     _log.info("mps_mode", enabled=plan.mps_enabled, reason=plan.mps_reason)
     for warning in plan.warnings:
         _log.warning("plan_warning", detail=warning)
-    registry = config.daemon.state_dir / "pgids"
-    reap_leftovers(registry)
+    options = group_options(config)
+    if options.registry is not None:
+        reap_leftovers(options.registry)
     if plan.proxy_cpus:
         os.sched_setaffinity(0, plan.proxy_cpus)
         _log.info("proxy_cpus", cpus=list(plan.proxy_cpus))
+    notifier = Notifier()
     pool = BackendPool(config.proxy.max_inflight_per_engine)
-    options = GroupOptions(mps=config.mps, restart=config.restart,
-                           drain_timeout_s=config.proxy.drain_timeout_s, registry=registry,
-                           environ=dict(os.environ))
+    metrics = Metrics(pool)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.proxy.connect_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        supervisor = Supervisor(plan, options, pool, session)
-        proxy = ProxyServer(config.proxy, pool, supervisor.status)
+        supervisor = Supervisor(plan, options, pool, session,
+                                observers=[metrics, _StatusToSystemd(notifier)])
+        proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics)
+        proxy.add_route("GET", "/metrics", metrics_handler(metrics))
+        proxy.add_route("GET", "/mpsd/", status_page_handler)
+        daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()
         _log.info("proxy_listening", listen=config.proxy.listen)
+        control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload)
+        await control.start()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_handle_signals, supervisor)
+            tg.start_soon(daemon.handle_signals)
+            tg.start_soon(daemon.announce_ready)
+            tg.start_soon(metrics.poll, supervisor, _METRICS_POLL_S)
+            tg.start_soon(notifier.watchdog, supervisor.alive)
             code = await supervisor.run()
             tg.cancel_scope.cancel()
+        notifier.stopping("stopping: closing the proxy")
+        await control.stop()
         await proxy.stop(config.proxy.drain_timeout_s)
     _log.info("mpsd_stopped", exit_code=int(code))
     return code
-
-
-async def _handle_signals(supervisor: Supervisor) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            _log.info("signal_received", signal=signal.Signals(signum).name)
-            supervisor.stop()

@@ -53,6 +53,7 @@ class Supervisor:
         self._stopped = anyio.Event()
         self._settled = anyio.Event()
         self._done: dict[str, anyio.Event] = {}
+        self._crashed: set[str] = set()
         self._tg: TaskGroup | None = None
         self.groups = {g.key: self._new_group(g) for g in plan.groups}
 
@@ -167,6 +168,9 @@ class Supervisor:
         async def run_group() -> None:
             try:
                 await group.run()
+            except Exception:  # a bug in one group must not take the other GPUs down
+                _log.exception("group_crashed", gpu=group.key)
+                self._crashed.add(group.key)
             finally:
                 done.set()
 
@@ -175,6 +179,10 @@ class Supervisor:
     async def _stop_group(self, key: str) -> None:
         self.groups[key].stop()
         await self._done[key].wait()
+
+    def alive(self) -> bool:
+        """For the systemd watchdog: the supervisor runs and no group task died unasked."""
+        return self._tg is not None and not self._crashed
 
     def stop(self) -> None:
         self._stopped.set()
