@@ -60,8 +60,7 @@ class Engine:
 
     @property
     def pid(self) -> int | None:
-        return None if self.process.returncode is not None or not self.process.started_at \
-            else self.process.pid
+        return self.process.running_pid
 
     async def start(self) -> None:
         await self.process.start()

@@ -346,7 +346,7 @@ class GpuGroup:
         the kill safe (mps.md §1.2).
         """
         engine.stopping = True
-        if engine.process.returncode is not None or not engine.process.started_at:
+        if engine.pid is None:
             return
         await self._pool.drain(engine.key, self.options.drain_timeout_s)
         mps = self.mps

@@ -50,7 +50,7 @@ class MpsDaemon:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None or self._proc.returncode is not None else self._proc.pid
+        return None if self._proc is None else self._proc.running_pid
 
     @property
     def env(self) -> dict[str, str]:

@@ -77,6 +77,17 @@ def parse_line(group: str, source: str, line: str) -> MpsLogEvent:
     return MpsLogEvent(group, source, kind, pid, line)
 
 
+def _level(event: MpsLogEvent) -> str:
+    """Faults are errors; connection chatter, commands and their echoed results are debug."""
+    if event.kind is MpsLogKind.FATAL:
+        return "error"
+    if event.kind in (MpsLogKind.NOISE, MpsLogKind.COMMAND):
+        return "debug"
+    if event.kind is MpsLogKind.OTHER and event.source == "control":
+        return "debug"
+    return "info"
+
+
 class LogTailer:
     """Follows one log file by polling its size (cheap; no inotify dependency)."""
 
@@ -126,8 +137,7 @@ class LogTailer:
             if not line:
                 continue
             event = parse_line(self._group, source, line)
-            level = ("debug" if event.kind in (MpsLogKind.NOISE, MpsLogKind.COMMAND)
-                     else "error" if event.kind is MpsLogKind.FATAL else "info")
+            level = _level(event)
             _log.log(logs.level_number(level), "mps_log", gpu=self._group, source=source,
                      kind=str(event.kind), pid=event.pid, line=line)
             self._deliver(event)

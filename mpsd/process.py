@@ -77,6 +77,13 @@ class ChildProcess:
         return self._proc.pid
 
     @property
+    def running_pid(self) -> int | None:
+        """The PID while the child runs; None before start and after exit."""
+        if self._proc is None or self._proc.returncode is not None:
+            return None
+        return self._proc.pid
+
+    @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.returncode
 
