@@ -214,6 +214,13 @@ class BackendPool:
     def snapshot(self) -> list[dict[str, object]]:
         return [b.as_dict() for b in self._all]
 
+    def model_count(self) -> int:
+        return len(self._by_model)
+
+    def connect_failed(self, backend: Backend) -> None:
+        """Count a failed connect (the request went to another engine, or got a 503)."""
+        backend.connect_failures += 1
+
     def routable_count(self) -> int:
         return sum(1 for b in self._all if b.routable)
 

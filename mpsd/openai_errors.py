@@ -1,0 +1,54 @@
+"""The errors mpsd itself answers, in the shape OpenAI clients and vLLM users expect.
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}`` with ``code`` the HTTP
+status, exactly the shape vLLM uses for its own errors (vllm.md §4, §10), so a client sees one
+shape whether the engine or mpsd refused the request. ``type`` names follow the OpenAI SDK's
+exception classes where one exists. In the middle of an SSE stream (the status line is gone) the
+same object travels as one ``data:`` event, the way vLLM reports an engine failure mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
+    431: "RequestHeaderFieldsTooLargeError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+    505: "HTTPVersionNotSupportedError",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    """The JSON body of an error mpsd answers with ``status``."""
+    return json.dumps(
+        {"error": {"message": message, "type": error_type(status), "param": param,
+                   "code": status}},
+        separators=(",", ":"),
+    ).encode()
+
+
+def sse_error_event(status: int, message: str) -> bytes:
+    """An SSE event carrying the error, then ``[DONE]``, for a stream cut after its head."""
+    return b"data: " + error_body(status, message) + b"\n\ndata: [DONE]\n\n"
+
+
+def reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"

@@ -1,0 +1,442 @@
+"""The OpenAI-compatible front door: every ``/v1/*`` request to the least-loaded engine.
+
+Shape of the hot path (DESIGN §6, docs/performance.md for why it is not aiohttp end to end):
+
+* :mod:`mpsd.proxy_http` parses the request on the client connection's protocol callback;
+* :meth:`ProxyServer._serve` (one task per proxied request) resolves the model from the JSON
+  body, takes a backend with ``pool.lease()`` — the only place in-flight counts change — and an
+  upstream connection, retrying on another engine only when *connecting* failed;
+* :mod:`mpsd.proxy_upstream` relays the response from the engine's protocol callback straight to
+  the client transport, chunk by chunk, unbuffered; a client disconnect aborts the engine
+  connection at once (vLLM then aborts the request).
+
+``/health``, ``/ping``, ``/v1/models`` and ``/mpsd/status`` are answered here. Everything else
+(``/metrics``, ``/mpsd/…`` pages another module mounts with :meth:`ProxyServer.add_route`) goes
+to aiohttp's low-level server (``handler_cancellation=True``, no access log), which takes the
+connection over for that request and closes it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from mpsd.config import ProxyConfig
+from mpsd.errors import ConfigError
+from mpsd.openai_errors import error_body
+from mpsd.pool import Backend, BackendPool, NoCapacity, UnknownModel
+from mpsd.proxy_http import FrontConnection, Request
+from mpsd.proxy_upstream import Exchange, UpstreamConnectError, UpstreamError, UpstreamPool
+
+log = structlog.get_logger("mpsd.proxy")
+
+RouteHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+_FORWARDED = frozenset({b"/tokenize", b"/detokenize", b"/pooling", b"/classify", b"/score",
+                        b"/rerank", b"/invocations"})
+_LOCAL = frozenset({b"/health", b"/ping", b"/mpsd/status"})
+_MODEL_KEY = b'"model"'
+_MODEL_VALUE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_HOUSEKEEPING_S = 1.0
+_CLIENT_IDLE_S = 75.0
+_CLIENT_HEAD_S = 30.0
+
+
+class RequestObserver(Protocol):
+    """Per-request hooks (``metrics.py`` implements them); called on the event loop."""
+
+    def request_done(self, model: str, engine: str, code: int, duration_s: float,
+                     ttfb_s: float | None) -> None: ...
+
+    def queue_wait(self, seconds: float) -> None: ...
+
+
+class _NullObserver:
+    def request_done(self, model: str, engine: str, code: int, duration_s: float,
+                     ttfb_s: float | None) -> None:
+        pass
+
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+
+class _Route:
+    __slots__ = ("auth", "handler", "method", "path", "prefix")
+
+    def __init__(self, method: str, path: str, handler: RouteHandler, prefix: bool,
+                 auth: bool) -> None:
+        self.method, self.path, self.handler = method.upper(), path, handler
+        self.prefix, self.auth = prefix, auth
+
+
+def load_api_keys(path: str) -> tuple[bytes, ...] | None:
+    """Keys from ``api_keys_file`` (one per line, ``#`` comments); ``None`` when auth is off."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "proxy.api_keys_file", f"cannot read it ({exc.strerror})",
+                          "make the file readable by mpsd, or set api_keys_file = \"\"") from None
+    keys = [line.strip() for line in text.splitlines()]
+    return tuple(k.encode() for k in keys if k and not k.startswith("#"))
+
+
+def model_of(body: bytes) -> str | None:
+    """The top-level ``model`` of a JSON body, without parsing all of it when that is safe.
+
+    One ``"model": "..."`` occurrence is read in place (a prompt's own quotes are escaped, so
+    they cannot match); anything else — several occurrences, a non-string value — is decided by
+    ``json.loads``. Unparseable bodies give ``None`` (the engine then answers the 400).
+    """
+    count = body.count(_MODEL_KEY)
+    if count == 0:
+        return None
+    if count == 1:
+        match = _MODEL_VALUE.match(body, body.find(_MODEL_KEY))
+        if match is not None:
+            raw = match.group(1)
+            if b"\\" not in raw:
+                return raw.decode("utf-8", "replace")
+    return _model_parsed(body)
+
+
+def _model_parsed(body: bytes) -> str | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    value = doc.get("model") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
+
+class ProxyServer:
+    """Listens on ``config.listen`` and proxies to the engines of ``pool``."""
+
+    def __init__(self, config: ProxyConfig, pool: BackendPool,
+                 status: Callable[[], dict[str, Any]],
+                 observer: RequestObserver | None = None) -> None:
+        self._config = config
+        self._pool = pool
+        self._status = status
+        self._observer: RequestObserver = observer or _NullObserver()
+        self._keys = load_api_keys(config.api_keys_file)
+        self._routes: list[_Route] = []
+        self._conns: set[FrontConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._aio: web.Server | None = None
+        self._upstreams = UpstreamPool(connect_timeout_s=config.connect_timeout_s,
+                                       max_connections=config.max_connections)
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._draining = False
+        self._debug = _debug_enabled()
+        self._created = int(time.time())
+        self.max_body_bytes = config.max_body_bytes
+        pool.set_cap(config.max_inflight_per_engine)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind ``config.host:config.port`` (``OSError`` if taken); return once listening."""
+        loop = asyncio.get_running_loop()
+        self._aio = web.Server(self._aio_handle, handler_cancellation=True, access_log=None)
+        self._server = await loop.create_server(
+            lambda: FrontConnection(self), self._config.host, self._config.port,
+            backlog=4096, reuse_address=True)
+        self._housekeeping = loop.create_task(self._sweep(), name="proxy-housekeeping")
+        self._debug = _debug_enabled()
+        log.info("proxy_listening", listen=self._config.listen,
+                 auth="on" if self._keys is not None else "off")
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let in-flight responses finish for ``grace`` s, then cut the rest."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        busy = [c for c in self._conns if c.busy]
+        for conn in list(self._conns):
+            if not conn.busy:
+                conn.close()
+        if busy:
+            log.info("proxy_draining", in_flight=len(busy), grace_s=grace)
+            self._idle.clear()
+            if any(c.busy for c in self._conns):
+                try:
+                    async with asyncio.timeout(grace):
+                        await self._idle.wait()
+                except TimeoutError:
+                    left = [c for c in self._conns if c.busy]
+                    log.warning("proxy_drain_timeout", cut=len(left))
+        tasks = [c.task for c in self._conns if c.task is not None]
+        for conn in list(self._conns):
+            conn.abort()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._aio is not None:
+            await self._aio.shutdown(max(grace, 0.1))
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        self._upstreams.close()
+        log.info("proxy_stopped")
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Live reload: timeouts, body limit, keys, cap, connection limit (not ``listen``)."""
+        if config.listen != self._config.listen:
+            log.warning("proxy_listen_unchanged", running=self._config.listen,
+                        wanted=config.listen, fix="restart mpsd to listen elsewhere")
+        try:
+            self._keys = load_api_keys(config.api_keys_file)
+        except ConfigError as exc:
+            log.error("proxy_api_keys_kept", error=str(exc))
+        self._config = config.model_copy(update={"listen": self._config.listen})
+        self.max_body_bytes = config.max_body_bytes
+        self._upstreams.connect_timeout_s = config.connect_timeout_s
+        self._upstreams.max_connections = config.max_connections
+        self._pool.set_cap(config.max_inflight_per_engine)
+        self._debug = _debug_enabled()
+
+    def add_route(self, method: str, path: str, handler: RouteHandler, *,
+                  prefix: bool = False, auth: bool = False) -> None:
+        """Mount an aiohttp handler, e.g. ``add_route("GET", "/metrics", metrics)``.
+
+        ``prefix=True`` matches every path under ``path`` (``"/mpsd/"``); ``method="*"`` any
+        method. Routes are open unless ``auth=True`` (then the API key is required). Paths under
+        ``/v1/`` and the local ones (``/health``, ``/mpsd/status``) are served before routes.
+        """
+        self._routes.append(_Route(method, path, handler, prefix, auth))
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``listen = "127.0.0.1:0"``)."""
+        sockets = getattr(self._server, "sockets", None)
+        assert sockets
+        return int(sockets[0].getsockname()[1])
+
+    async def _sweep(self) -> None:
+        """Close idle and stalled client connections and stale engine connections."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_HOUSEKEEPING_S)
+            now = loop.time()
+            self._upstreams.sweep(now)
+            for conn in list(self._conns):
+                if not conn.busy and now - conn.last_active > (
+                        _CLIENT_HEAD_S if conn.reading else _CLIENT_IDLE_S):
+                    conn.close()
+
+    # -- FrontConnection callbacks (proxy_http.Handler) ---------------------------------------
+
+    def wants(self, request: Request) -> bool:
+        path = request.path
+        return path.startswith((b"/v1/", b"/v2/")) or path in _FORWARDED or path in _LOCAL
+
+    def forget(self, conn: FrontConnection) -> None:
+        self._conns.discard(conn)
+        if conn.busy:
+            self._maybe_idle()
+
+    def track(self, conn: FrontConnection) -> None:
+        self._conns.add(conn)
+
+    def request_finished(self, conn: FrontConnection) -> None:
+        if self._draining:
+            conn.close()  # no keep-alive while stopping
+            conn.closed = True
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not any(c.busy for c in self._conns):
+            self._idle.set()
+
+    def handoff_protocol(self) -> asyncio.Protocol:
+        assert self._aio is not None
+        return self._aio()
+
+    def handle(self, conn: FrontConnection, request: Request) -> None:
+        path = request.path
+        if path in _LOCAL:
+            self._local(conn, request)
+            return
+        if self._keys is not None and not self._authorized(request.authorization):
+            self._reply(conn, request, 401, "Incorrect API key provided.",
+                        extra=b'www-authenticate: Bearer realm="mpsd"\r\n')
+            return
+        if path.startswith(b"/v1/models") and request.method in (b"GET", b"HEAD"):
+            self._models(conn, request)
+            return
+        model = model_of(request.body) if request.body else None
+        if model is None and request.body and self._pool.model_count() > 1:
+            self._reply(conn, request, 400, "The request names no model, and mpsd serves "
+                        f"several: {', '.join(self._pool.models())}.", param="model")
+            return
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn, request, model))
+
+    # -- local endpoints ---------------------------------------------------------------------
+
+    def _local(self, conn: FrontConnection, request: Request) -> None:
+        if request.method not in (b"GET", b"HEAD"):
+            self._reply(conn, request, 405, "Method Not Allowed", extra=b"allow: GET, HEAD\r\n")
+            return
+        if request.path == b"/mpsd/status":
+            body = json.dumps(self.status(), default=str).encode()
+            conn.respond(200, body, keep_alive=request.keep_alive,
+                         head_only=request.method == b"HEAD")
+            return
+        code = 200 if self._pool.routable_count() else 503
+        conn.respond(code, b"", keep_alive=request.keep_alive)
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /mpsd/status`` answers: the daemon's status plus engines and in-flight."""
+        return {**self._status(), "engines": self._pool.snapshot(),
+                "inflight": self._pool.inflight_total(), "queued": self._pool.queued(),
+                "routable": self._pool.routable_count()}
+
+    def _models(self, conn: FrontConnection, request: Request) -> None:
+        cards = [{"id": m, "object": "model", "created": self._created, "owned_by": "mpsd",
+                  "root": m, "parent": None} for m in self._pool.models()]
+        wanted = request.path[len(b"/v1/models"):]
+        if wanted in (b"", b"/"):
+            doc: dict[str, Any] = {"object": "list", "data": cards}
+        else:
+            name = wanted[1:].decode("utf-8", "replace")
+            found = [c for c in cards if c["id"] == name]
+            if not found:
+                self._reply(conn, request, 404, f"The model `{name}` does not exist.",
+                            param="model")
+                return
+            doc = found[0]
+        conn.respond(200, json.dumps(doc).encode(), keep_alive=request.keep_alive,
+                     head_only=request.method == b"HEAD")
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        ok = False
+        for key in self._keys or ():
+            ok |= hmac.compare_digest(key, token)  # every key, no early exit: constant time
+        return ok and scheme.lower() == b"bearer"
+
+    def _reply(self, conn: FrontConnection, request: Request, status: int, message: str, *,
+               param: str | None = None, extra: bytes = b"", finish: bool = True) -> None:
+        conn.respond(status, error_body(status, message, param), keep_alive=request.keep_alive,
+                     extra=extra, head_only=request.method == b"HEAD", finish=finish)
+
+    # -- proxying ------------------------------------------------------------------------------
+
+    async def _serve(self, conn: FrontConnection, request: Request, model: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        code, engine, ttfb, keep_alive = 0, "-", None, False
+        tried: list[Backend] = []
+        last_error = ""
+        try:
+            while True:
+                wait_s = 0.0 if tried else self._config.admission_wait_s
+                try:
+                    async with self._pool.lease(model, wait_s=wait_s, exclude=tried) as backend:
+                        if not tried:
+                            self._observer.queue_wait(loop.time() - started)
+                        engine = backend.key
+                        try:
+                            upstream = await self._upstreams.acquire(backend.base_url)
+                        except UpstreamConnectError as exc:
+                            self._pool.connect_failed(backend)
+                            log.warning("engine_connect_failed", engine=backend.key,
+                                        error=str(exc))
+                            last_error = str(exc)
+                            tried.append(backend)
+                            continue
+                        exchange = Exchange(conn, upstream, keep_alive=request.keep_alive,
+                                            http11=request.http11,
+                                            head_only=request.method == b"HEAD")
+                        exchange.start(_upstream_request(request, self._upstreams.origin(
+                            backend.base_url)[2]), self._config.first_byte_timeout_s)
+                        try:
+                            keep_alive = await exchange.done
+                        except UpstreamError as exc:
+                            code = exc.status
+                            keep_alive = request.keep_alive
+                            self._reply(conn, request, code, str(exc), finish=False)
+                            return
+                        code = 502 if exchange.broken else exchange.status
+                        ttfb = exchange.head_at - started
+                        return
+                except UnknownModel as exc:
+                    code, keep_alive = 404, request.keep_alive
+                    self._reply(conn, request, 404, str(exc), param="model", finish=False)
+                    return
+                except NoCapacity as exc:
+                    code, keep_alive = 503, request.keep_alive
+                    message = f"no engine reachable ({last_error})" if tried else str(exc)
+                    self._reply(conn, request, 503, message, finish=False,
+                                extra=b"retry-after: %d\r\n" % exc.retry_after_s)
+                    return
+        except asyncio.CancelledError:
+            code, keep_alive = 499, False  # the client went away (nginx's code for it)
+            raise
+        except Exception:
+            log.exception("proxy_request_failed", engine=engine, path=request.path.decode(
+                "utf-8", "replace"))
+            code, keep_alive = 500, False
+            if conn.exchange is None and not conn.closed:
+                self._reply(conn, request, 500, "mpsd failed to proxy the request",
+                            finish=False)
+        finally:
+            duration = loop.time() - started
+            self._observer.request_done(model or "-", engine, code, duration, ttfb)
+            if self._debug:  # one line per request, only when asked for: never on the hot path
+                log.debug("request_proxied", model=model, engine=engine, status=code,
+                          duration_s=round(duration, 6), ttfb_s=ttfb)
+            if not conn.closed:
+                conn.response_done(keep_alive)
+
+    # -- aiohttp (mounted routes) --------------------------------------------------------------
+
+    async def _aio_handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Mounted routes; the connection closes after the response (see the module doc)."""
+        request.protocol.close()
+        route = next((r for r in self._routes if (r.method in ("*", request.method)) and (
+            request.path.startswith(r.path) if r.prefix else request.path == r.path)), None)
+        if route is None:
+            resp: web.StreamResponse = _aio_error(404, f"no route for {request.path}")
+        elif route.auth and self._keys is not None and not self._authorized(
+                request.headers.get("Authorization", "").encode()):
+            resp = _aio_error(401, "Incorrect API key provided.")
+        else:
+            resp = await route.handler(request)
+        if not resp.prepared:
+            resp.force_close()
+        return resp
+
+
+def _debug_enabled() -> bool:
+    is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
+    return bool(is_enabled_for(logging.DEBUG)) if is_enabled_for is not None else True
+
+
+def _aio_error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=error_body(status, message),
+                        content_type="application/json")
+
+
+def _upstream_request(request: Request, host: bytes) -> bytes:
+    """The request as the engine gets it: end-to-end headers verbatim, body re-framed."""
+    body = request.body
+    sized = body or request.content_length is not None or request.chunked
+    return b"".join((
+        request.method, b" ", request.target, b" HTTP/1.1\r\nhost: ", host, b"\r\n",
+        *(line + b"\r\n" for line in request.forward),
+        b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n",
+        body,
+    ))
