@@ -8,7 +8,8 @@ an orphaned EngineCore (API server SIGKILLed) must keep living like the real one
 Behaviour:
 * If ``CUDA_MPS_PIPE_DIRECTORY`` is set and ``<dir>/control`` exists, join the fake MPS daemon as
   a client with this PID; a refusal (e.g. 807 while the server is FAULT) fails start-up with
-  exit code 1. Without the socket it runs "outside MPS" silently, like CUDA does.
+  exit code 1. Without the socket, or when nobody answers on it (a stale socket), it runs
+  "outside MPS" silently, like CUDA does in DEFAULT compute mode.
 * Then sleep ``FAKE_ENGINE_START_DELAY_S`` (model load) and print one JSON ready line on stdout.
 * stdin lines from the API server: ``busy``/``idle`` (forwarded to MPS), ``crash`` (die at once
   with exit 1 and no MPS goodbye: a busy crash faults MPS siblings), ``exit`` (goodbye, exit 0).
@@ -57,9 +58,10 @@ _CUDA_MESSAGES = {
 class MpsAttachError(Exception):
     """The fake CUDA client could not join MPS; ``code`` is the CUDA error it would get."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, answered: bool = True) -> None:
         super().__init__(message)
         self.code = code
+        self.answered = answered  # False: nobody listened on the control socket
 
 
 @dataclass
@@ -87,7 +89,8 @@ async def mps_attach(pipe_dir: str, pid: int, comm: str, wait_s: float = 30.0) -
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     except OSError as exc:
-        raise MpsAttachError(fakeutil.CUDA_ERROR_MPS_CONNECTION_FAILED, str(exc)) from exc
+        raise MpsAttachError(fakeutil.CUDA_ERROR_MPS_CONNECTION_FAILED, str(exc),
+                             answered=False) from exc
     try:
         hello = {"hello": "client", "pid": pid, "comm": comm, "uid": os.getuid()}
         writer.write(fakeutil.encode(hello))
@@ -154,30 +157,42 @@ class EngineCore:
         else:
             loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self.log("INFO", "Initializing a V1 LLM engine (v0.32.0)")
-        pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
-        if pipe_dir and _socket_exists(pipe_dir):
-            try:
-                self.mps = await mps_attach(pipe_dir, self.pid, "VLLM::EngineCor")
-            except MpsAttachError as exc:
-                self.ev.emit("mps_refused", error=exc.code, message=str(exc))
-                self.cuda_error(exc.code, "mps_refused")
-                return await self.exit_code
-            self.ev.emit("mps_connect", server_pid=self.mps.server_pid, client_pid=self.pid)
-            self._spawn(self._mps_loop(self.mps))
+        self._spawn(self._stdin_loop())  # "exit" must work during attach and load too
+        attach: asyncio.Future[None] = asyncio.ensure_future(self._attach())
+        exiting: asyncio.Future[Any] = self.exit_code
+        await asyncio.wait([attach, exiting], return_when=asyncio.FIRST_COMPLETED)
+        attach.cancel()
         delay = fakeutil.knob_float("FAKE_ENGINE_START_DELAY_S", 0.0, self.port) or 0.0
-        if delay > 0:
+        if delay > 0 and not self.exit_code.done():
             await asyncio.wait([self.exit_code], timeout=delay)
         if not self.exit_code.done():
             ready = {"ready": True, "mps": self.mps is not None,
                      "server_pid": None if self.mps is None else self.mps.server_pid}
             sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
-            self._spawn(self._stdin_loop())
         code = await self.exit_code
         if self.mps is not None and code == 0:
             self.mps.send({"op": "bye"})
             await _drain(self.mps.writer)
         return code
+
+    async def _attach(self) -> None:
+        """Become an MPS client if a daemon socket exists; a daemon that does not answer means
+        "run without MPS" (what CUDA does in DEFAULT compute mode), a refusal fails start-up."""
+        pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
+        if not pipe_dir or not _socket_exists(pipe_dir):
+            return
+        try:
+            self.mps = await mps_attach(pipe_dir, self.pid, "VLLM::EngineCor")
+        except MpsAttachError as exc:
+            if not exc.answered:
+                self.ev.emit("mps_unavailable", error=exc.code, message=str(exc))
+                return
+            self.ev.emit("mps_refused", error=exc.code, message=str(exc))
+            self.cuda_error(exc.code, "mps_refused")
+            return
+        self.ev.emit("mps_connect", server_pid=self.mps.server_pid, client_pid=self.pid)
+        self._spawn(self._mps_loop(self.mps))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.add(asyncio.create_task(coro))

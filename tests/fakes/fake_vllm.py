@@ -210,10 +210,11 @@ class ApiServer:
         dead_task = self._spawn(self.core_dead.wait())
         await asyncio.wait([stop_task, dead_task], return_when=asyncio.FIRST_COMPLETED)
         if self.core_dead.is_set() and not self.stop.is_set():
-            await self._engine_died()
+            await self._engine_died()  # keeps listening: /health answers 503 meanwhile
+            server.close()
         else:
+            server.close()  # SIGTERM: stop listening at once, then drain or abort
             await self._drain_or_abort()
-        server.close()
         await self._stop_core()
         await runner.cleanup()
         vlog("INFO", "Shutting down")

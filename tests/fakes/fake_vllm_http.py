@@ -143,12 +143,23 @@ async def _body(request: web.Request) -> dict[str, object]:
     return data
 
 
-async def _pace(st: State) -> None:
-    """Wait for the next token: the token delay, or forever while hung."""
+async def _pace(st: State, last: float) -> float:
+    """Wait for the next token (forever while hung); returns the token's scheduled time.
+
+    Tokens are scheduled on a fixed grid (``last + delay``) so that write overhead does not
+    stretch the advertised rate; after a stall (hang, slow client) the grid restarts at now.
+    """
     if st.hang:
         await st.never.wait()
-    if st.token_delay > 0:
-        await asyncio.sleep(st.token_delay)
+    delay = st.token_delay
+    if delay <= 0:
+        return last
+    now = asyncio.get_running_loop().time()
+    target = last + delay
+    if target < now - delay:
+        target = now
+    await asyncio.sleep(target - now)
+    return target
 
 
 def make_app(st: State) -> web.Application:
@@ -299,9 +310,10 @@ async def _stream(request: web.Request, st: State, req: Req, params: Params,
         await _acquire(st, req, params)
         acquired = True
         prefix, mids, size = pieces.prefix, pieces.mids, len(VOCAB)
+        tick = asyncio.get_running_loop().time()
         while req.produced < n - 1:
             if st.token_delay > 0 or st.hang:
-                await _pace(st)
+                tick = await _pace(st, tick)
                 await resp.write(prefix + mids[(seed + req.produced) % size])
                 req.produced += 1
             else:
@@ -310,7 +322,7 @@ async def _stream(request: web.Request, st: State, req: Req, params: Params,
                 await resp.write(b"".join([prefix + mids[(base + j) % size] for j in range(k)]))
                 req.produced += k
                 await asyncio.sleep(0)
-        await _pace(st)
+        await _pace(st, tick)
         tail = prefix + pieces.last[(seed + n - 1) % size]
         req.produced = n
         await resp.write(tail + pieces.usage(n) + DONE)
@@ -341,8 +353,9 @@ async def _full(st: State, req: Req, params: Params, chat: bool) -> web.StreamRe
         await _acquire(st, req, params)
         acquired = True
         if st.token_delay > 0 or st.hang:
+            tick = asyncio.get_running_loop().time()
             while req.produced < params.max_tokens:
-                await _pace(st)
+                tick = await _pace(st, tick)
                 req.produced += 1
         req.produced = params.max_tokens
     except asyncio.CancelledError:

@@ -188,8 +188,8 @@ def test_client_mode_without_daemon_fails_like_the_real_tool(rig: Rig) -> None:
     assert "Cannot find MPS control daemon process" in out.stderr
 
 
-def test_commands_defaults_and_logs(rig: Rig) -> None:
-    rig.daemon()
+def test_commands_defaults_logs_and_sigterm(rig: Rig) -> None:
+    daemon = rig.daemon()
     assert (rig.pipe / "nvidia-cuda-mps-control.pid").read_text().strip().isdigit()
     out = rig.mps("get_server_list", "set_default_active_thread_percentage 50",
                   "get_default_active_thread_percentage",
@@ -199,6 +199,9 @@ def test_commands_defaults_and_logs(rig: Rig) -> None:
     control = (rig.logs / "control.log").read_text()
     assert "] User did not send valid credentials" in control
     assert "Control " in control and "] Cmd:get_server_list" in control
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    assert not (rig.pipe / "control").exists()
 
 
 def test_fault_reaches_every_client_and_server_recovers_with_same_pid(rig: Rig) -> None:
@@ -295,12 +298,18 @@ def test_quit_with_timeout_stops_server_and_daemon(rig: Rig) -> None:
 
 
 def test_killed_daemon_takes_its_server_along(rig: Rig) -> None:
+    """A SIGKILLed daemon leaves a stale socket; its server exits; CUDA then runs without MPS."""
     daemon = rig.daemon()
     rig.mps("start_server -uid 0")
     server = int(server_of(rig))
     daemon.kill()
     daemon.wait(5)
-    wait_for(lambda: not alive(server), 5, "server exit")
+    wait_for(_gone(server), 5, "server exit")
+    assert (rig.pipe / "control").exists()
+    port = free_port()
+    rig.ready(port, rig.engine(port))
+    assert rig.first("ready", who=f"engine:{port}")["mps"] is False
+    assert rig.event("mps_unavailable", who=f"engine-core:{port}")
 
 
 # -- fake vllm serve ---------------------------------------------------------------------------
@@ -352,6 +361,17 @@ def test_health_is_refused_until_ready(rig: Rig) -> None:
     assert request(port, "GET", "/health") is None
     assert engine.poll() is None
     wait_for(lambda: request(port, "GET", "/health") == (200, b""), 15, "health 200")
+
+
+def test_sigterm_during_slow_start_is_prompt(rig: Rig) -> None:
+    port = free_port()
+    engine = rig.engine(port, mps=False, FAKE_ENGINE_START_DELAY_S="60")
+    wait_for(lambda: rig.event("engine_core_start"), what="EngineCore spawned")
+    started = time.monotonic()
+    engine.send_signal(signal.SIGTERM)
+    assert engine.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert rig.first("engine_core_exit")["code"] == 0
 
 
 def test_engine_core_crash_makes_the_api_server_exit_0(rig: Rig) -> None:
