@@ -53,6 +53,7 @@ class Engine:
             log_fields={"gpu": plan.gpu, "engine": plan.key})
         self.ready_at: float | None = None
         self.stopping = False
+        self.answered = False  # /health said 200 once: it booted, whatever happens next
 
     @property
     def key(self) -> str:
@@ -73,6 +74,7 @@ class Engine:
                 while not await self._healthy():
                     self._check_alive("during start-up")
                     await anyio.sleep(_READY_POLL_S)
+                self.answered = True
                 await self.canary()
                 if mps is not None:
                     await self._wait_attached(mps)

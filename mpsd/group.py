@@ -216,7 +216,7 @@ class GpuGroup:
         try:
             await engine.wait_ready(mps)
         except MemberExited as exc:
-            boot = not self._ever_ready
+            boot = not self._ever_ready and not engine.answered
             on_fault(Fault("engine_exit", f"{'boot failure: ' if boot else ''}{exc}", fatal=boot))
             return None
         except (StartupTimeout, HealthCheckFailed, MpsCommandError) as exc:

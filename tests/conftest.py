@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,10 @@ def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     workdir: Path = request.getfixturevalue("workdir")
     yield
-    leaked = list(processes_mentioning(str(workdir)))
+    # children told to die by PR_SET_PDEATHSIG get a moment to finish exiting
+    deadline = time.monotonic() + 5
+    while (leaked := list(processes_mentioning(str(workdir)))) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for pid in leaked:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -146,7 +146,7 @@ class Mpsd:
                        "engine_port_base": self.engine_port_base},
             "proxy": {"listen": f"127.0.0.1:{self.port}", "drain_timeout_s": 2.0},
             "mps": {"enabled": self.mps, "control_binary": str(FAKE_MPS),
-                    "recover_timeout_s": 3.0, "status_interval_s": 0.2,
+                    "recover_timeout_s": 3.0, "status_interval_s": 0.5,
                     "env": {"FAKE_MPS_EVENTS": str(self.mps_events)}},
             "restart": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "max_restarts": 3,
                         "window_s": 60, "stable_after_s": 60},
@@ -253,7 +253,13 @@ class Mpsd:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Teardown of a test that did not stop mpsd itself: SIGTERM, then SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
