@@ -140,6 +140,8 @@ class ProxyServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._draining = False
+        self._stopping: asyncio.Future[None] | None = None
+        self._port = config.port
         self._debug = _debug_enabled()
         self._created = int(time.time())
         self.max_body_bytes = config.max_body_bytes
@@ -156,11 +158,22 @@ class ProxyServer:
             backlog=4096, reuse_address=True)
         self._housekeeping = loop.create_task(self._sweep(), name="proxy-housekeeping")
         self._debug = _debug_enabled()
+        sockets = getattr(self._server, "sockets", None)
+        if sockets:
+            self._port = int(sockets[0].getsockname()[1])
         log.info("proxy_listening", listen=self._config.listen,
                  auth="on" if self._keys is not None else "off")
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting, let in-flight responses finish for ``grace`` s, then cut the rest."""
+        """Stop accepting, let in-flight responses finish for ``grace`` s, then cut the rest.
+
+        Idempotent: a second call waits for the first one's drain.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
         self._draining = True
         if self._server is not None:
             self._server.close()
@@ -218,10 +231,8 @@ class ProxyServer:
 
     @property
     def port(self) -> int:
-        """The bound port (useful with ``listen = "127.0.0.1:0"``)."""
-        sockets = getattr(self._server, "sockets", None)
-        assert sockets
-        return int(sockets[0].getsockname()[1])
+        """The port listened on."""
+        return self._port
 
     async def _sweep(self) -> None:
         """Close idle and stalled client connections and stale engine connections."""

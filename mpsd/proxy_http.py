@@ -146,7 +146,7 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep-alive, pipelining."""
 
-    __slots__ = ("_buf", "_chunk_left", "_eof", "_handler", "_paused_reading", "_request",
+    __slots__ = ("_buf", "_chunk_left", "_handler", "_paused_reading", "_request",
                  "busy", "closed", "exchange", "last_active", "task", "transport")
 
     def __init__(self, handler: Handler) -> None:
@@ -154,7 +154,6 @@ class FrontConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._request: Request | None = None
         self._chunk_left = -1
-        self._eof = False
         self._paused_reading = False
         self.transport: asyncio.Transport | None = None
         self.busy = False
@@ -184,9 +183,9 @@ class FrontConnection(asyncio.Protocol):
             self.task.cancel()
 
     def eof_received(self) -> bool:
-        if self.busy or self._request is not None:
-            self._eof = True  # answer what was asked, then close
-            return True
+        # A FIN from the client is a disconnect (as in aiohttp and uvicorn): the transport
+        # closes, connection_lost cancels the request and the engine aborts it. Half-closing
+        # clients that still wait for an answer are not supported; vanished ones are common.
         return False
 
     def pause_writing(self) -> None:
@@ -311,7 +310,7 @@ class FrontConnection(asyncio.Protocol):
         ``finish=False``: the caller calls :meth:`response_done` itself (a request task does,
         once, in its ``finally``).
         """
-        close = not keep_alive or self._eof
+        close = not keep_alive
         head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s%s\r\n" % (
             status, reason(status), len(body),
             b"content-type: %s\r\n" % content_type if body else b"",
@@ -330,7 +329,7 @@ class FrontConnection(asyncio.Protocol):
         self.busy = False
         self.exchange = None
         self.task = None
-        if not keep_alive or self._eof or self.closed:
+        if not keep_alive or self.closed:
             if self.transport is not None:
                 self.transport.close()
             self.closed = True
@@ -372,8 +371,6 @@ class FrontConnection(asyncio.Protocol):
         protocol.connection_made(transport)
         if data:
             protocol.data_received(data)
-        if self._eof:
-            protocol.eof_received()
         self.transport = None
 
 
