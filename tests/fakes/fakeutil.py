@@ -14,7 +14,11 @@ interface). It is JSON lines over UNIX stream sockets:
   ``{"ok": true, "server_pid": N, "socket": path}`` or ``{"ok": false, "error": 807, ...}``).
 * ``socket`` from that answer (the server): the client sends ``{"op": "hello", "pid": N, ...}``,
   then ``{"op": "busy"}`` / ``{"op": "idle"}`` / ``{"op": "bye"}``; the server pushes notices
-  ``{"notice": "fault" | "terminate" | "shutdown", "error": code}``.
+  ``{"notice": "fault" | "terminate" | "shutdown", "error": code}``. A connection that ends
+  without ``bye`` while the client last said ``busy`` is a SIGKILL of a busy client.
+
+The server side lives in fake_mps_server.py, the CUDA-client side in fake_engine_core.py
+(``mps_attach``). The daemon talks to its server over the server's stdin/stdout.
 """
 
 from __future__ import annotations
