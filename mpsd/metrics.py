@@ -257,10 +257,10 @@ class _PoolCollector:
         yield from (ready, inflight, failures, queue, cap)
 
 
-def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def metrics_handler(metrics: Metrics) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
     """``GET /metrics`` for the proxy's aiohttp app (cheap: see :meth:`Metrics.render`)."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         body, content_type = metrics.render()
         response = web.Response(body=body, headers={"Content-Type": content_type,
                                                     "Cache-Control": "no-store"})

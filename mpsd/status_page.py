@@ -235,6 +235,6 @@ _HEADERS = {
 }
 
 
-async def status_page_handler(request: web.Request) -> web.Response:
+async def status_page_handler(request: web.BaseRequest) -> web.Response:
     """Serve the page (register it on ``GET /mpsd/``; it fetches ``/mpsd/status`` itself)."""
     return web.Response(body=_BODY, headers=_HEADERS)

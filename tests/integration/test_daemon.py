@@ -129,7 +129,7 @@ def test_mps_daemon_killed_is_replaced_before_engines_start(mpsd: Mpsd) -> None:
 def test_crash_loop_fails_the_group_and_the_daemon_stays_up(mpsd: Mpsd) -> None:
     mpsd.gpus = 2
     base = mpsd.engine_port_base
-    mpsd.engine_env = {f"FAKE_ENGINE_CRASH_AFTER_S_PORT_{base}": "0.1"}
+    mpsd.engine_env = {f"FAKE_ENGINE_CRASH_AFTER_S_PORT_{base}": "1.0"}
     mpsd.start()
     mpsd.wait_state("gpu0", "failed", timeout=60)
     failed = mpsd.events("group_state", gpu="gpu0", to="failed")[0]
