@@ -120,6 +120,7 @@ class Mpsd:
     mps: str = "on"
     engine_env: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notify_socket: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -175,6 +176,8 @@ class Mpsd:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.pop("NOTIFY_SOCKET", None)
+        if self.notify_socket:
+            env["NOTIFY_SOCKET"] = self.notify_socket
         env["MPSD_TEST_MARKER"] = str(self.workdir)
         with self.log_file.open("wb") as log:
             self.proc = subprocess.Popen(
