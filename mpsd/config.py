@@ -56,6 +56,7 @@ class DaemonConfig(_Frozen):
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine_port_base: Annotated[int, Field(ge=1024, le=65000)] = 18100
+    metrics_interval_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ProxyConfig(_Frozen):

@@ -34,7 +34,6 @@ from mpsd.supervisor import Supervisor
 from mpsd.systemd import Notifier
 
 _log = logs.get("mpsd.daemon")
-_METRICS_POLL_S = 10.0
 _EXTEND_EVERY_S = 20.0
 
 
@@ -153,7 +152,7 @@ async def run(file: str) -> ExitCode:
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.handle_signals)
             tg.start_soon(daemon.announce_ready)
-            tg.start_soon(metrics.poll, supervisor, _METRICS_POLL_S)
+            tg.start_soon(metrics.poll, supervisor, config.daemon.metrics_interval_s)
             tg.start_soon(notifier.watchdog, supervisor.alive)
             code = await supervisor.run()
             tg.cancel_scope.cancel()

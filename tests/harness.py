@@ -144,7 +144,7 @@ class Mpsd:
         doc: dict[str, Any] = {
             "daemon": {"state_dir": str(self.workdir / "run"), "log_dir": str(self.workdir / "log"),
                        "log_format": "json", "log_level": "debug",
-                       "engine_port_base": self.engine_port_base},
+                       "engine_port_base": self.engine_port_base, "metrics_interval_s": 1.0},
             "proxy": {"listen": f"127.0.0.1:{self.port}", "drain_timeout_s": 2.0},
             "mps": {"enabled": self.mps, "control_binary": str(FAKE_MPS),
                     "recover_timeout_s": 3.0, "status_interval_s": 0.5,
@@ -243,6 +243,14 @@ class Mpsd:
         tmp = self.control_dir / f".{port}.tmp"
         tmp.write_text(command)
         tmp.rename(self.control_dir / f"{port}.cmd")
+
+    def mps_command(self, gpu: str, line: str) -> str:
+        """Send one command to a group's (fake) MPS daemon, as an operator would."""
+        env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(self.workdir / "run" / gpu / "pipe"),
+               "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        out = subprocess.run([str(FAKE_MPS)], input=line + "\n", capture_output=True, text=True,
+                             env=env, timeout=10, check=True)
+        return out.stdout
 
     def engine_ports(self) -> list[int]:
         return [int(e["port"]) for g in self.status()["groups"] for e in g["engines"]]

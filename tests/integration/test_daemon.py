@@ -14,19 +14,12 @@ import time
 
 import pytest
 
-from tests.harness import FAKE_MPS, REPO, Mpsd, http, wait_until
+from tests.harness import REPO, Mpsd, http, wait_until
 
 
 def running(m: Mpsd, gpus: int = 1, timeout: float = 30.0) -> None:
     for i in range(gpus):
         m.wait_state(f"gpu{i}", "running", timeout)
-
-
-def mps_command(m: Mpsd, gpu: str, line: str) -> str:
-    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(m.workdir / "run" / gpu / "pipe")}
-    out = subprocess.run([str(FAKE_MPS)], input=line + "\n", capture_output=True, text=True,
-                         env=env, timeout=10, check=True)
-    return out.stdout
 
 
 def log_index(m: Mpsd, event: str, **match: object) -> int:
@@ -46,8 +39,8 @@ def test_ordered_start_and_serving(mpsd: Mpsd) -> None:
     second_start = log_index(mpsd, "process_started", engine="gpu0/tiny-1")
     assert mps_started < first_start < first_ready < second_start
     # both engines are MPS clients of the group's server
-    servers = mps_command(mpsd, "gpu0", "get_server_list").split()
-    clients = {int(p) for p in mps_command(mpsd, "gpu0", f"get_client_list {servers[0]}").split()}
+    servers = mpsd.mps_command("gpu0", "get_server_list").split()
+    clients = {int(p) for p in mpsd.mps_command("gpu0", f"get_client_list {servers[0]}").split()}
     assert len(clients) == 2
     code, _, body = http("POST", f"{mpsd.url}/v1/completions",
                          {"model": "tiny", "prompt": "hi", "max_tokens": 3})
@@ -103,7 +96,7 @@ def test_hung_engine_fails_health_and_group_recovers(mpsd: Mpsd) -> None:
 def test_simulated_mps_fault_recovers_without_restarting_the_daemon(mpsd: Mpsd) -> None:
     mpsd.start()
     running(mpsd)
-    mps_command(mpsd, "gpu0", "fake_fault")
+    mpsd.mps_command("gpu0", "fake_fault")
     faults = mpsd.wait_log("fault_detected", gpu="gpu0")
     assert faults[0]["signal"] in {"mps_log", "mps_status", "engine_exit"}
     mpsd.wait_state("gpu0", "running", after=1)

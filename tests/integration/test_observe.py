@@ -1,0 +1,85 @@
+"""What an operator sees: /metrics after traffic and a fault, and ``mpsd status``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Mpsd, http, wait_until
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(m: Mpsd) -> Samples:
+    code, _, body = http("GET", f"{m.url}/metrics")
+    assert code == 200
+    out: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[sample.name].append((sample.labels, sample.value))
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x
+                                                            for k, x in labels.items()))
+
+
+def cli(m: Mpsd, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mpsd", *args, "-c", str(m.config_file)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_metrics_and_status_after_traffic_and_a_fault(mpsd: Mpsd) -> None:
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    for i in range(10):
+        code, _, _ = http("POST", f"{mpsd.url}/v1/completions",
+                          {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": i % 2 == 0})
+        assert code == 200
+    code, _, _ = http("POST", f"{mpsd.url}/v1/completions", {"model": "nope", "prompt": "x"})
+    assert code == 404
+
+    mpsd.mps_command("gpu0", "fake_fault")
+    mpsd.wait_state("gpu0", "running", after=1)
+
+    def scraped_from_both() -> Samples | None:
+        s = scrape(mpsd)
+        engines = {lab["engine"] for lab, _ in s.get("vllm:num_requests_running", [])}
+        return s if engines == {"gpu0/tiny-0", "gpu0/tiny-1"} else None
+
+    samples = wait_until(scraped_from_both, 20, "both engines' vllm:* metrics re-exported")
+    assert value(samples, "mpsd_requests_total", model="tiny", code="200") == 10
+    assert value(samples, "mpsd_request_duration_seconds_count", model="tiny") == 10
+    assert value(samples, "mpsd_time_to_first_byte_seconds_count", model="tiny") == 10
+    assert value(samples, "mpsd_requests_total", code="404") == 1
+    assert value(samples, "mpsd_fault_detected_total", gpu="gpu0") >= 1
+    assert value(samples, "mpsd_recovery_seconds_count", gpu="gpu0", phase="mps") == 1
+    assert value(samples, "mpsd_recovery_seconds_count", gpu="gpu0", phase="engine") == 1
+    assert value(samples, "mpsd_group_state", gpu="gpu0", state="running") == 1
+    assert value(samples, "mpsd_group_state", gpu="gpu0", state="recovering") == 0
+    assert value(samples, "mpsd_group_restarts_total", gpu="gpu0") >= 1
+    assert value(samples, "mpsd_engine_ready", gpu="gpu0") == 2
+    assert value(samples, "mpsd_engine_inflight", gpu="gpu0") == 0
+    wait_until(lambda: value(scrape(mpsd), "mpsd_mps_server_status", gpu="gpu0") == 2, 20,
+               "MPS server ACTIVE on /metrics")
+
+    text = cli(mpsd, "status")
+    assert text.returncode == 0, text.stderr
+    assert "gpu0" in text.stdout and "running" in text.stdout
+    status = json.loads(cli(mpsd, "status", "--json").stdout)
+    history = status["groups"][0]["history"]
+    assert history and history[-1]["signal"] in {"mps_log", "mps_status", "engine_exit"}
+    assert history[-1]["signal"] in text.stdout
+    assert mpsd.terminate() == 0
+
+
+def test_status_cli_without_a_daemon_says_so(mpsd: Mpsd) -> None:
+    mpsd.write_config()
+    out = cli(mpsd, "status")
+    assert out.returncode == 1
+    assert "not running" in out.stderr
