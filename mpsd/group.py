@@ -91,6 +91,7 @@ class GpuGroup:
         self._ever_ready = False
         self._recovering_since: float | None = None
         self._fatal_pending: Fault | None = None
+        self._tg: TaskGroup | None = None
 
     @property
     def key(self) -> str:
@@ -117,6 +118,55 @@ class GpuGroup:
         elif fault.fatal:
             self._fatal_pending = fault
             self._wake.set()
+
+    async def reconfigure(self, plan: GroupPlan) -> bool:
+        """Roll engine-level changes one engine at a time while the others keep serving.
+
+        Each removed or changed engine is stopped the safe way (drain → SIGTERM →
+        ``terminate_client`` → SIGKILL), then its replacement starts and must be ready before
+        the next one is touched. False when that is impossible (another GPU, MPS switched,
+        the group not RUNNING): then the caller restarts the whole group.
+        """
+        identity = ("device", "uuid", "mps", "pipe_dir", "log_dir")
+        if any(getattr(plan, a) != getattr(self.plan, a) for a in identity):
+            return False
+        if self.state is not GroupState.RUNNING or self._tg is None:
+            return False
+        old = {e.key: e for e in self.plan.engines}
+        new = {e.key: e for e in plan.engines}
+        self.plan = plan
+        for key in [k for k in old if old[k] != new.get(k)]:
+            engine = self.engines.pop(key, None)
+            if engine is not None:
+                await self._stop_engine(engine)
+            self._pool.remove(key)
+            _log.info("engine_rolled_out", gpu=self.key, engine=key)
+            replacement = new.get(key)
+            if replacement is not None and not await self._roll_in(replacement):
+                return True
+        for engine_plan in plan.engines:
+            if engine_plan.key not in old and not await self._roll_in(engine_plan):
+                return True
+        self._set_reason(f"{len(plan.engines)} engines ready")
+        return True
+
+    async def _roll_in(self, plan: EnginePlan) -> bool:
+        """Start one engine of a reconfigured, running group; False once the attempt ended."""
+        tg, on_fault = self._tg, self._on_fault
+        if tg is None or on_fault is None or self.state is not GroupState.RUNNING:
+            return False
+        self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
+        if self.mps is None:
+            ready = anyio.Event()
+            tg.start_soon(self._engine_slot, plan, ready, on_fault)
+            await ready.wait()
+        else:
+            engine = await self._start_engine(plan, self.mps, on_fault)
+            if engine is None:
+                return False
+            tg.start_soon(self._watch_mps_engine, engine, on_fault)
+        _log.info("engine_rolled_in", gpu=self.key, engine=plan.key)
+        return True
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -176,13 +226,13 @@ class GpuGroup:
                            reason=fault.reason)
                 tg.cancel_scope.cancel()
 
-            self._on_fault = on_fault
+            self._on_fault, self._tg = on_fault, tg
             tg.start_soon(self._cancel_on_stop, tg)
             try:
                 await self._start_all(tg, on_fault)
             except SpawnError as exc:
                 on_fault(Fault("spawn", f"boot failure: {exc}", fatal=True))
-        self._on_fault = None
+        self._on_fault, self._tg = None, None
         if not faults and not self._stop.is_set():  # pragma: no cover - defensive
             return Fault("internal", "attempt ended without a fault")
         return faults[0] if faults else None
@@ -227,7 +277,8 @@ class GpuGroup:
 
     async def _watch_mps_engine(self, engine: Engine, on_fault: Callable[[Fault], None]) -> None:
         signal, reason = await self._watch_engine(engine)
-        on_fault(Fault(signal, reason))
+        if not engine.stopping:
+            on_fault(Fault(signal, reason))
 
     async def _engine_slot(self, plan: EnginePlan, ready: anyio.Event,
                            on_fault: Callable[[Fault], None]) -> None:
@@ -238,6 +289,8 @@ class GpuGroup:
                 return
             ready.set()
             signal, reason = await self._watch_engine(engine)
+            if engine.stopping:
+                return
             self._pool.set_routable(plan.key, False)
             await engine.process.kill()
             fault = Fault(signal, reason)
@@ -390,6 +443,10 @@ class GpuGroup:
         if self._stop.is_set():
             return
         await self._wake.wait()
+
+    def _set_reason(self, reason: str) -> None:
+        self.reason = reason
+        self._listener.state_changed(self, self.state, self.state)
 
     def _set_state(self, new: GroupState, reason: str) -> None:
         old = self.state

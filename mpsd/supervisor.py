@@ -98,8 +98,10 @@ class Supervisor:
         """Apply a new plan by diff: untouched groups keep serving, others stop/start.
 
         A group is untouched when its plan and its MPS settings are equal; restart and drain
-        settings are applied to every group live. Removed groups drain and stop; changed
-        groups are stopped (safely, engine by engine) and started from the new plan.
+        settings are applied to every group live. Removed groups drain and stop. A changed
+        group whose GPU and MPS setup stay the same rolls its engines one at a time
+        (:meth:`GpuGroup.reconfigure`); any other changed group is stopped safely and started
+        from the new plan.
         """
         if self._stopped.is_set():
             raise MpsdError("mpsd is shutting down")
@@ -113,21 +115,24 @@ class Supervisor:
         _log.info("reload_plan", unchanged=unchanged, changed=changed, removed=removed,
                   added=added)
         self.plan, self.options = plan, options
-        for key in unchanged:
+        for key in unchanged + (changed if mps_same else []):
             old[key].options = options
             old[key].budget.update(options.restart)
+        rolled = [k for k in changed if mps_same and await old[k].reconfigure(new[k])]
+        restarted = [k for k in changed if k not in rolled]
         async with anyio.create_task_group() as tg:
-            for key in changed + removed:
+            for key in restarted + removed:
                 tg.start_soon(self._stop_group, key)
         for key in removed:
             del self.groups[key]
-        for key in changed + added:
+        for key in restarted + added:
             self.groups[key] = self._new_group(new[key])
             self._spawn(self.groups[key])
         self.groups = {g.key: self.groups[g.key] for g in plan.groups}
         self._settled = anyio.Event()
         self._publish()
-        return {"unchanged": unchanged, "changed": changed, "removed": removed, "added": added}
+        return {"unchanged": unchanged, "changed": changed, "rolled": rolled,
+                "restarted": restarted, "removed": removed, "added": added}
 
     async def drain_group(self, key: str) -> GpuGroup:
         """Take one GPU out of service on purpose: its engines drain and stop, its MPS daemon

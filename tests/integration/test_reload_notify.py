@@ -110,28 +110,56 @@ def _load(url: str, stop: threading.Event, results: list[int]) -> None:
             results.append(getattr(exc, "code", 0))
 
 
-def test_reload_restarts_changed_group_while_untouched_one_serves(mpsd: Mpsd) -> None:
+def _reload_under_load(m: Mpsd, doc: dict[str, object]) -> tuple[dict[str, object], list[int]]:
+    """Rewrite the config, SIGHUP, wait for the reload to finish; the load's status codes."""
+    stop, results = threading.Event(), []
+    worker = threading.Thread(target=_load, args=(m.url, stop, results))
+    worker.start()
+    try:
+        wait_until(lambda: len(results) > 5, 10, "load running")
+        m.config_file.write_text(render_toml(doc))
+        assert m.proc is not None
+        m.proc.send_signal(signal.SIGHUP)
+        done = m.wait_log("reload_done", timeout=40)[0]
+        seen = len(results)
+        wait_until(lambda: len(results) > seen + 5, 10, "load still served after the reload")
+    finally:
+        stop.set()
+        worker.join()
+    return done, results
+
+
+def test_reload_rolls_a_changed_group_while_the_other_serves(mpsd: Mpsd) -> None:
     mpsd.gpus = 2
     mpsd.start()
     mpsd.wait_state("gpu0", "running")
     mpsd.wait_state("gpu1", "running")
-    gpu0 = mpsd.engine_pids("gpu0")
-    # gpu1's engines get a new argument: gpu1 restarts, gpu0 must serve throughout
+    gpu0, gpu1 = mpsd.engine_pids("gpu0"), mpsd.engine_pids("gpu1")
     doc = mpsd.config()
-    doc["gpu"][1]["engine"][0]["args"] = ["--max-model-len", "1024"]
-    stop, results = threading.Event(), []
-    worker = threading.Thread(target=_load, args=(mpsd.url, stop, results))
-    worker.start()
-    try:
-        mpsd.config_file.write_text(render_toml(doc))
-        assert mpsd.proc is not None
-        mpsd.proc.send_signal(signal.SIGHUP)
-        done = mpsd.wait_log("reload_done", timeout=30)[0]
-        assert done["changed"] == ["gpu1"] and done["unchanged"] == ["gpu0"]
-        mpsd.wait_state("gpu1", "running", after=1)
-    finally:
-        stop.set()
-        worker.join()
+    doc["gpu"][1]["engine"][0]["args"] = ["--max-model-len", "1024"]  # gpu1's engines change
+    done, results = _reload_under_load(mpsd, doc)
+    assert done["rolled"] == ["gpu1"] and done["unchanged"] == ["gpu0"]
     assert results and all(code == 200 for code in results), set(results)
     assert mpsd.engine_pids("gpu0") == gpu0
+    after = mpsd.engine_pids("gpu1")
+    assert set(after.values()).isdisjoint(gpu1.values())  # both replaced, one at a time
+    rolled = [e["event"] for e in mpsd.log() if e.get("event", "").startswith("engine_rolled")]
+    assert rolled == ["engine_rolled_out", "engine_rolled_in"] * 2
+    assert [e["to"] for e in mpsd.events("group_state", gpu="gpu1")] == ["starting", "running"]
+    assert mpsd.terminate() == 0
+
+
+def test_scale_down_stops_one_engine_safely_and_its_sibling_serves(mpsd: Mpsd) -> None:
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    before = mpsd.engine_pids()
+    doc = mpsd.config()
+    doc["gpu"][0]["engine"][0]["replicas"] = 1
+    done, results = _reload_under_load(mpsd, doc)
+    assert done["rolled"] == ["gpu0"]
+    assert results and all(code == 200 for code in results), set(results)
+    assert [e["engine"] for e in mpsd.events("engine_rolled_out")] == ["gpu0/tiny-1"]
+    assert mpsd.events("engine_stopped", engine="gpu0/tiny-1")
+    engines = mpsd.status()["groups"][0]["engines"]
+    assert [(e["key"], e["pid"]) for e in engines] == [("gpu0/tiny-0", before["gpu0/tiny-0"])]
     assert mpsd.terminate() == 0
