@@ -28,7 +28,7 @@ from typing import Any
 from mpsd.config import ProxyConfig
 from mpsd.pool import Backend, BackendPool
 from mpsd.proxy import ProxyServer
-from tests.harness import FAKE_VLLM, free_ports, processes_mentioning, read_jsonl
+from tests.harness import FAKE_VLLM, free_ports, read_jsonl
 
 _CL = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 _MODE = re.compile(rb'"mode"\s*:\s*"([^"]*)"')
@@ -268,14 +268,25 @@ class FakeEngines:
         return [e for e in read_jsonl(self.events_file) if kind is None or e["event"] == kind]
 
     def stop(self) -> None:
+        """SIGKILL every engine's process group (EngineCore included) and reap."""
         for engine in self.engines:
             engine.kill(signal.SIGKILL)
+        deadline = time.monotonic() + 5
         for engine in self.engines:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 engine.proc.wait(5)
-        deadline = time.monotonic() + 5
-        while list(processes_mentioning(str(self.workdir))) and time.monotonic() < deadline:
-            time.sleep(0.02)  # EngineCore children die with their group; poll until gone
+            while _group_alive(engine.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)  # EngineCore is not our child: poll until its group is gone
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _wait_healthy(engine: FakeEngine, within_s: float = 30.0) -> None:
