@@ -15,7 +15,7 @@ What the daemon tells systemd, and when:
   (:meth:`Notifier.watchdog`): a stalled loop or dead supervisor tasks starve the watchdog and
   systemd restarts the unit.
 
-Why a plain socket and not :class:`sdnotify.SystemdNotifier` (which the package depends on):
+Why a plain socket and not :class:`sdnotify.SystemdNotifier`:
 sdnotify reads ``os.environ`` only (the tests and the daemon pass an explicit mapping), uses a
 *blocking* socket (a full notify queue would stall the event loop, and so the watchdog that is
 meant to detect stalls), swallows every error silently (an operator should hear once that
