@@ -10,6 +10,7 @@ handled here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -22,9 +23,11 @@ from mpsd.config import Config
 from mpsd.control import ControlServer
 from mpsd.control_client import socket_path
 from mpsd.errors import ConfigError, ExitCode
+from mpsd.gpus import XidWatcher
 from mpsd.group import Fault, GpuGroup, GroupOptions
 from mpsd.host import resolve
 from mpsd.metrics import Metrics, metrics_handler
+from mpsd.plan import Plan
 from mpsd.pool import BackendPool
 from mpsd.process import reap_leftovers
 from mpsd.proxy import ProxyServer
@@ -118,6 +121,21 @@ class Daemon:
         _log.info("mpsd_ready", status=self.supervisor.status_line())
 
 
+async def _watch_xids(plan: Plan, supervisor: Supervisor) -> XidWatcher | None:
+    """Xid events of the planned GPUs, delivered on the loop; None without NVML."""
+    uuids = [g.uuid for g in plan.groups if g.uuid.startswith("GPU-")]
+    if not uuids:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def deliver(uuid: str, xid: int) -> None:  # on the watcher's thread
+        loop.call_soon_threadsafe(supervisor.report_xid, uuid, xid)
+
+    watcher = XidWatcher(uuids, deliver)
+    started = await anyio.to_thread.run_sync(watcher.start)
+    return watcher if started else None
+
+
 async def run(file: str) -> ExitCode:
     """``mpsd run``: serve until SIGTERM/SIGINT (exit 0) or until every group FAILED (1)."""
     resolved = await resolve(file)
@@ -149,6 +167,7 @@ async def run(file: str) -> ExitCode:
         _log.info("proxy_listening", listen=config.proxy.listen)
         control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload)
         await control.start()
+        xids = await _watch_xids(plan, supervisor)
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.handle_signals)
             tg.start_soon(daemon.announce_ready)
@@ -157,6 +176,8 @@ async def run(file: str) -> ExitCode:
             code = await supervisor.run()
             tg.cancel_scope.cancel()
         notifier.stopping("stopping: closing the proxy")
+        if xids is not None:
+            await anyio.to_thread.run_sync(xids.stop)
         await control.stop()
         await proxy.stop(config.proxy.drain_timeout_s)
     _log.info("mpsd_stopped", exit_code=int(code))

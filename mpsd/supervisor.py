@@ -18,6 +18,7 @@ from anyio.abc import TaskGroup
 
 from mpsd import logs
 from mpsd.errors import ExitCode, MpsdError
+from mpsd.gpus import HARDWARE_XIDS, classify_xid
 from mpsd.group import Fault, GpuGroup, GroupOptions
 from mpsd.plan import GroupPlan, Plan
 from mpsd.pool import BackendPool
@@ -197,6 +198,19 @@ class Supervisor:
     async def wait_settled(self) -> None:
         """Until every group is RUNNING or FAILED (systemd's READY=1 moment)."""
         await self._settled.wait()
+
+    def report_xid(self, uuid: str, xid: int) -> None:
+        """An NVML Xid on a GPU: application Xids recover its group, hardware ones fail it."""
+        group = next((g for g in self.groups.values() if g.plan.uuid == uuid), None)
+        kind = classify_xid(xid)
+        _log.warning("xid", gpu=group.key if group else uuid, xid=xid, kind=kind)
+        if group is None or kind == "informational":
+            return
+        if kind == "hardware":
+            reason = f"hardware Xid {xid} ({HARDWARE_XIDS.get(xid, 'see NVIDIA Xid catalogue')})"
+            group.report_fault(Fault("xid", f"{reason}: the GPU needs an operator", fatal=True))
+        else:
+            group.report_fault(Fault("xid", f"application Xid {xid}"))
 
     def group(self, key: str) -> GpuGroup | None:
         """A group by its key (``gpu0``) or by its configured device (``0``, a UUID)."""

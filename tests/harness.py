@@ -198,7 +198,7 @@ class Mpsd:
         return [e for e in read_jsonl(self.engine_events) if e.get("event") == event
                 and all(e.get(k) == v for k, v in match.items())]
 
-    def wait_log(self, event: str, timeout: float = 20.0, count: int = 1,
+    def wait_log(self, event: str, timeout: float = 45.0, count: int = 1,
                  **match: Any) -> list[Event]:
         self._check_alive_or(event)
         found: list[Event] = wait_until(
@@ -225,7 +225,7 @@ class Mpsd:
         states = [e["to"] for e in self.events("group_state", gpu=gpu)]
         return states[-1] if states else None
 
-    def wait_state(self, gpu: str, state: str, timeout: float = 20.0, after: int = 0) -> None:
+    def wait_state(self, gpu: str, state: str, timeout: float = 45.0, after: int = 0) -> None:
         """Until ``gpu`` entered ``state`` at least ``after + 1`` times in total."""
         wait_until(lambda: len(self.events("group_state", gpu=gpu, to=state)) > after,
                    timeout, f"{gpu} -> {state} (#{after + 1})\n{self.tail()}")
