@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,34 @@ def test_check_config_prints_the_plan_of_the_shipped_example() -> None:
     assert "gpu0/qwen2.5-0.5b-instruct-0" in out.stdout
     assert "--served-model-name Qwen/Qwen2.5-0.5B-Instruct" in out.stdout
     assert "port 18101" in out.stdout
+
+
+def test_leftovers_of_a_killed_mpsd_are_reaped_at_the_next_start(mpsd: Mpsd) -> None:
+    # engines that ignore SIGTERM survive the PR_SET_PDEATHSIG notice of a SIGKILLed mpsd
+    mpsd.mps = "off"
+    mpsd.engine_env = {"FAKE_ENGINE_IGNORE_SIGTERM": "1"}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    orphans = set(mpsd.engine_pids().values())
+    assert mpsd.proc is not None
+    os.kill(mpsd.proc.pid, signal.SIGKILL)
+    mpsd.proc.wait(10)
+    assert all(Path(f"/proc/{pid}").exists() for pid in orphans)
+    mpsd.start()
+    reaped = mpsd.wait_log("leftovers_reaped")[0]["pgids"]
+    assert set(reaped) >= orphans
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans), 10,
+               "orphaned engines gone")
+    mpsd.wait_state("gpu0", "running")
+    assert mpsd.terminate() == 0
+
+
+def test_explicit_cpu_affinity_is_applied_before_exec(mpsd: Mpsd) -> None:
+    mpsd.overrides = {"engine": {"cpu_affinity": ["0", "1"]}}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    pids = mpsd.engine_pids()
+    for key, core in (("gpu0/tiny-0", "0"), ("gpu0/tiny-1", "1")):
+        status = Path(f"/proc/{pids[key]}/status").read_text()
+        assert f"Cpus_allowed_list:\t{core}\n" in status
+    assert mpsd.terminate() == 0
