@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness import free_ports, wait_until
+
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 MPS = FAKES / "nvidia-cuda-mps-control"
 VLLM = FAKES / "fake-vllm"
@@ -32,21 +33,11 @@ Event = dict[str, Any]
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """Poll until ``predicate`` returns something truthy (never a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.02)
+    return wait_until(predicate, timeout, what)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def request(port: int, method: str, path: str, body: Any = None,
