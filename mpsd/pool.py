@@ -101,20 +101,20 @@ def pick(
     ``cap`` = 0 means no per-engine cap; ``exclude`` holds backends already tried for this request.
     Pure apart from drawing from ``rng``: no I/O, no state change.
     """
+    best: Backend | None = None
     low = math.inf
-    ties: list[Backend] = []
+    ties = 0
     for backend in candidates:
         n = backend.inflight
         if not backend.routable or (cap and n >= cap) or (exclude and backend in exclude):
             continue
         if n < low:
-            low = n
-            ties = [backend]
+            best, low, ties = backend, n, 1
         elif n == low:
-            ties.append(backend)
-    if not ties:
-        return None
-    return ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
+            ties += 1  # reservoir sampling: each of the k ties ends up chosen with p = 1/k
+            if rng.random() * ties < 1.0:
+                best = backend
+    return best
 
 
 class _Waiter:
@@ -242,6 +242,20 @@ class BackendPool:
         """
         return Lease(self, model, wait_s, exclude)
 
+    def try_lease(self, model: str | None, exclude: Collection[Backend] = ()) -> Lease | None:
+        """A lease already holding a free backend, or ``None`` if none is free right now.
+
+        The synchronous form of :meth:`lease` for the proxy's hot path: the caller owns the
+        returned lease and must call :meth:`Lease.release` exactly once when the request ends
+        (it is idempotent, so "at least once" on every path is enough).
+        """
+        backend = self._take_now(model, exclude)
+        if backend is None:
+            return None
+        lease = Lease(self, model, 0.0, exclude)
+        lease.backend = backend
+        return lease
+
     def _candidates(self, model: str | None) -> list[Backend]:
         if model is None:
             return self._all
@@ -321,10 +335,12 @@ def _any_routable(candidates: Iterable[Backend], exclude: Collection[Backend]) -
 
 
 class Lease:
-    """The async context manager :meth:`BackendPool.lease` returns (one per request).
+    """One request's claim on a backend: +1 in flight when acquired, -1 on release, once.
 
-    A plain class rather than ``@asynccontextmanager``: it runs once per proxied request, and the
-    generator machinery costs more than the pick itself.
+    Use it as ``async with pool.lease(model) as backend:`` (released on every way out of the
+    block), or hand it to whoever ends the request and call :meth:`release` there; a second
+    release is a no-op, so it can never decrement twice. A plain class rather than
+    ``@asynccontextmanager``: it runs once per proxied request.
     """
 
     __slots__ = ("_exclude", "_model", "_pool", "_wait_s", "backend")
@@ -337,14 +353,21 @@ class Lease:
         self._exclude = exclude
         self.backend: Backend | None = None
 
-    async def __aenter__(self) -> Backend:
+    async def acquire(self) -> Backend:
+        """Wait (FIFO, up to ``wait_s``) for a backend; raise ``UnknownModel``/``NoCapacity``."""
         if self.backend is not None:
-            raise RuntimeError("a Lease is entered once")
+            raise RuntimeError("a Lease is acquired once")
         self.backend = await self._pool._take(self._model, self._wait_s, self._exclude)
         return self.backend
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    def release(self) -> None:
         backend, self.backend = self.backend, None
         if backend is not None:
             self._pool._release(backend)
+
+    async def __aenter__(self) -> Backend:
+        return await self.acquire()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.release()

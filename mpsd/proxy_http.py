@@ -146,11 +146,14 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep-alive, pipelining."""
 
-    __slots__ = ("_buf", "_chunk_left", "_handler", "_paused_reading", "_request",
+    __slots__ = ("_buf", "_chunk_left", "_handler", "_loop", "_paused_reading", "_request",
                  "busy", "closed", "exchange", "last_active", "task", "transport")
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
+        # the loop is passed in, not looked up: on Python 3.11 every get_running_loop() call
+        # is a getpid() system call, and a request would make several
         self._handler = handler
+        self._loop = loop
         self._buf = bytearray()
         self._request: Request | None = None
         self._chunk_left = -1
@@ -166,7 +169,7 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         self._handler.track(self)
 
     @property
@@ -242,7 +245,7 @@ class FrontConnection(asyncio.Protocol):
                 return
             self._request = None
             self.busy = True
-            self.last_active = asyncio.get_running_loop().time()
+            self.last_active = self._loop.time()
             self._handler.handle(self, request)
 
     def _read_body(self, request: Request) -> bool:
@@ -338,7 +341,7 @@ class FrontConnection(asyncio.Protocol):
         self._handler.request_finished(self)
         if self.closed:  # the server is draining
             return
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self._loop.time()
         if self._paused_reading and self.transport is not None:
             self._paused_reading = False
             self.transport.resume_reading()

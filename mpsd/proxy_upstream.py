@@ -16,11 +16,14 @@ uvicorn's 5 s keep-alive timeout closes them under a request (the classic keep-a
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from mpsd.openai_errors import sse_error_event
-from mpsd.proxy_http import FrontConnection
+from mpsd.pool import Lease
+from mpsd.proxy_http import FrontConnection, Request
 
 IDLE_S = 2.0
 MAX_HEAD_BYTES = 64 * 1024
@@ -32,20 +35,8 @@ _HOP_RESPONSE = frozenset({
 })
 
 
-class UpstreamError(Exception):
-    """The engine failed before the response head: nothing was sent to the client yet."""
-
-    status = 502
-
-
-class UpstreamConnectError(UpstreamError):
+class UpstreamConnectError(Exception):
     """Connecting failed: the request was never sent, so another engine may take it."""
-
-
-class FirstByteTimeout(UpstreamError):
-    """No response head within ``first_byte_timeout_s``."""
-
-    status = 504
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -84,6 +75,9 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to every engine, at most ``max_connections`` open at once."""
 
+    loop: asyncio.AbstractEventLoop  # set by the owner once running (get_running_loop() is a
+    # getpid() system call on Python 3.11: not something to do per request)
+
     def __init__(self, *, connect_timeout_s: float, max_connections: int) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
@@ -92,6 +86,7 @@ class UpstreamPool:
         self._open = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closing = False
+        self.awaiting: set[Exchange] = set()  # sent, no response head yet (first-byte clock)
 
     def origin(self, base_url: str) -> tuple[str, int, bytes]:
         """``(host, port, Host header value)`` of an engine URL (cached)."""
@@ -103,19 +98,26 @@ class UpstreamPool:
             self._origins[base_url] = known
         return known
 
-    async def acquire(self, base_url: str) -> UpstreamConnection:
-        """An idle connection to ``base_url``, or a new one (:class:`UpstreamConnectError`)."""
+    def idle(self, base_url: str) -> UpstreamConnection | None:
+        """A fresh idle connection to ``base_url``, if there is one (most recently used)."""
         idle = self._idle.get(base_url)
         if idle:
-            now = asyncio.get_running_loop().time()
+            now = self.loop.time()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < IDLE_S:
                     return conn
                 if conn.transport is not None:
                     conn.transport.close()
+        return None
+
+    async def acquire(self, base_url: str) -> UpstreamConnection:
+        """An idle connection to ``base_url``, or a new one (:class:`UpstreamConnectError`)."""
+        conn = self.idle(base_url)
+        if conn is not None:
+            return conn
         while self._open >= self.max_connections:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[None] = self.loop.create_future()
             self._slot_waiters.append(waiter)
             try:
                 await waiter
@@ -127,7 +129,7 @@ class UpstreamPool:
         self._open += 1
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await asyncio.get_running_loop().create_connection(
+                _, conn = await self.loop.create_connection(
                     lambda: UpstreamConnection(self, base_url), host, port)
         except (OSError, TimeoutError) as exc:
             self._open -= 1
@@ -142,7 +144,7 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         conn.exchange = None
         if reusable and not conn.closed and not self._closing and conn.transport is not None:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = self.loop.time()
             self._idle.setdefault(conn.origin, []).append(conn)
         elif conn.transport is not None:
             conn.transport.close()
@@ -157,6 +159,11 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    def expire(self, now: float) -> None:
+        """Fail the exchanges whose first-byte deadline passed (504)."""
+        for exchange in [e for e in self.awaiting if now >= e.deadline]:
+            exchange.first_byte_timeout()
 
     def sweep(self, now: float) -> None:
         """Close idle connections the engines may be about to close themselves."""
@@ -181,50 +188,62 @@ class UpstreamPool:
 
 
 class Exchange:
-    """One request sent to an engine and its response relayed to the client.
+    """One request sent to an engine and its response relayed to the client, start to end.
 
-    ``done`` resolves with whether the client connection stays open once the response is
-    complete, or fails with :class:`UpstreamError` if the engine failed before the response head
-    (then nothing was written to the client and the caller answers 502/504 itself). A failure after
-    the head is handled here: an SSE stream gets an error event and a clean end, anything else
-    has its client connection closed, and ``broken`` is set.
+    Until its single end (:meth:`_end`) it owns the backend's lease and the upstream connection.
+    Every way a request can end — response complete, engine failure before or after the head,
+    first-byte timeout, client gone — goes through ``_end``, which releases the lease (once),
+    gives back or drops the upstream connection and calls ``on_end(self)``; the proxy then
+    records the request and answers what is left to answer (``error``: nothing reached the
+    client yet). After the head, a failure is handled here: an SSE stream gets an error event and
+    a clean end, anything else has its client connection closed, and ``broken`` is set.
     """
 
-    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_paused", "_timer", "broken",
-                 "client", "done", "head_at", "head_only", "http11", "keep_alive", "pool",
-                 "reusable", "sse", "status", "upstream")
+    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_paused", "broken", "client",
+                 "client_gone", "deadline", "ended", "engine", "error", "head_at", "head_only",
+                 "http11", "keep_alive", "lease", "model", "on_end", "pool", "request",
+                 "reusable", "sse", "started", "status", "upstream")
 
-    def __init__(self, client: FrontConnection, upstream: UpstreamConnection, *,
-                 keep_alive: bool, http11: bool, head_only: bool) -> None:
+    def __init__(self, client: FrontConnection, upstream: UpstreamConnection, lease: Lease,
+                 request: Request, model: str | None, started: float,
+                 on_end: Callable[[Exchange], None]) -> None:
         self.client = client
         self.upstream = upstream
         self.pool = upstream.pool
-        self.keep_alive = keep_alive
-        self.http11 = http11
-        self.head_only = head_only
-        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.lease = lease
+        self.engine = lease.backend.key if lease.backend is not None else "-"
+        self.request = request
+        self.model = model
+        self.started = started
+        self.on_end = on_end
+        self.keep_alive = request.keep_alive
+        self.http11 = request.http11
+        self.head_only = request.method == b"HEAD"
         self.status = 0
         self.head_at = 0.0
+        self.deadline = 0.0
         self.broken = False
         self.sse = False
         self.reusable = True
+        self.ended = False
+        self.client_gone = False
+        self.error: tuple[int, str] | None = None
         self._buf = b""
         self._framing = -1
         self._left = 0
         self._in_trailer = False
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, request: bytes, first_byte_timeout_s: float) -> None:
+    def start(self, data: bytes, now: float, first_byte_timeout_s: float) -> None:
         upstream = self.upstream
         assert upstream.transport is not None
         upstream.exchange = self
         self.client.exchange = self
-        self._timer = asyncio.get_running_loop().call_later(first_byte_timeout_s,
-                                                            self._first_byte_timeout)
-        upstream.transport.write(request)
+        self.deadline = now + first_byte_timeout_s
+        self.pool.awaiting.add(self)
+        upstream.transport.write(data)
 
-    # -- engine → client -------------------------------------------------------------------
+    # -- engine -> client -------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
         framing = self._framing
@@ -234,7 +253,7 @@ class Exchange:
                 self.client.write(data)
                 return
             self.client.write(data if end == len(data) else data[:end])
-            self._finish(end == len(data))
+            self._end(end == len(data) and self.reusable)
             return
         if framing < 0:
             self._feed_head(data)
@@ -248,7 +267,7 @@ class Exchange:
             if end < 0:
                 self._buf = buf
                 if len(buf) > MAX_HEAD_BYTES:
-                    self._fail_before_head("the engine sent an oversized response head")
+                    self._fail_before_head(502, "the engine sent an oversized response head")
                 return
             status = _status_of(buf)
             if 100 <= status < 200 and status != 101:  # interim response: wait for the real one
@@ -259,67 +278,75 @@ class Exchange:
         try:
             head = self._client_head(buf[:end], status)
         except ValueError:
-            self._fail_before_head("the engine sent a malformed response head")
+            self._fail_before_head(502, "the engine sent a malformed response head")
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.pool.awaiting.discard(self)
         self.status = status
-        self.head_at = asyncio.get_running_loop().time()
+        self.head_at = self.pool.loop.time()
         rest = buf[end + 4:]
-        if self._framing == _NONE:
+        framing = self._framing
+        if framing == _NONE:
             self.client.write(head)
-            self._finish(not rest)
-            return
-        self.client.write(head)
-        if rest:
-            self.feed(rest)
+            self._end(not rest and self.reusable)
+        elif framing == _LENGTH:  # a whole JSON answer usually comes in one read: one write
+            left = self._left
+            if len(rest) < left:
+                self._left = left - len(rest)
+                self.client.write(head + rest if rest else head)
+            else:
+                self.client.write(head + rest[:left])
+                self._end(len(rest) == left and self.reusable)
+        else:
+            self.client.write(head)
+            if rest:
+                self.feed(rest)
 
     def _client_head(self, head: bytes, status: int) -> bytes:
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        if not status_line.startswith(b"HTTP/1."):
-            raise ValueError(status_line)
-        upstream_close = not status_line.startswith(b"HTTP/1.1")
-        out = [b"HTTP/1.1" + status_line[8:]]
-        length: int | None = None
-        chunked = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            lname = name.lower()
-            if lname in _HOP_RESPONSE:
-                if lname == b"content-length":
-                    length = int(value)
-                elif lname == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif lname == b"connection":
-                    upstream_close = upstream_close or b"close" in value.lower()
-                continue
-            if lname == b"content-type" and b"text/event-stream" in value:
-                self.sse = True
-                out.append(b"x-accel-buffering: no")
-            out.append(line)
+        """The head for the client; verbatim when the engine's has no hop-by-hop headers."""
+        lower = head.lower()
+        if not lower.startswith(b"http/1."):
+            raise ValueError(head[:20])
+        upstream_close = (not lower.startswith(b"http/1.1")
+                          or b"close" in _header(lower, b"\r\nconnection:"))
         self.reusable = not upstream_close
-        if self.head_only or status in (204, 304) or 100 <= status < 200:
+        self.sse = b"text/event-stream" in lower
+        length_value = _header(lower, b"\r\ncontent-length:")
+        length = int(length_value) if length_value else None
+        chunked = b"chunked" in _header(lower, b"\r\ntransfer-encoding:")
+        bodiless = self.head_only or status in (204, 304) or 100 <= status < 200
+        if bodiless:
             self._framing = _NONE
-            if length is not None and self.head_only:
-                out.append(b"content-length: %d" % length)
         elif chunked:
             self._framing = _CHUNKED if self.http11 else _DECHUNK
-            if self.http11:
-                out.append(b"transfer-encoding: chunked")
-            else:
-                self.keep_alive = False
+            self.keep_alive = self.keep_alive and self.http11
         elif length is not None:
-            self._framing = _LENGTH
+            self._framing = _LENGTH if length else _NONE
             self._left = length
-            out.append(b"content-length: %d" % length)
-            if length == 0:
-                self._framing = _NONE
         else:
             self._framing = _EOF
             self.reusable = False
             self.keep_alive = False
+        if (self.keep_alive and self._framing != _DECHUNK and lower.startswith(b"http/1.1 ")
+                and not _HOP_RE.search(lower)):
+            return head + (b"\r\nx-accel-buffering: no\r\n\r\n" if self.sse else b"\r\n\r\n")
+        return self._rebuilt_head(head, length, chunked, bodiless)
+
+    def _rebuilt_head(self, head: bytes, length: int | None, chunked: bool,
+                      bodiless: bool) -> bytes:
+        lines = head.split(b"\r\n")
+        out = [b"HTTP/1.1" + lines[0][8:]]
+        for line in lines[1:]:
+            if line.partition(b":")[0].strip().lower() not in _HOP_RESPONSE:
+                out.append(line)
+        if self.sse:
+            out.append(b"x-accel-buffering: no")
+        if bodiless:
+            if length is not None and self.head_only:
+                out.append(b"content-length: %d" % length)
+        elif self._framing == _CHUNKED:
+            out.append(b"transfer-encoding: chunked")
+        elif self._framing in (_LENGTH, _NONE) and length is not None:
+            out.append(b"content-length: %d" % length)
         if not self.keep_alive:
             out.append(b"connection: close")
         out.append(b"\r\n")
@@ -334,7 +361,7 @@ class Exchange:
                 self.client.write(data)
                 return
             self.client.write(data if len(data) == left else data[:left])
-            self._finish(len(data) == left)
+            self._end(len(data) == left and self.reusable)
         elif framing == _EOF:
             self.client.write(data)
         elif framing == _DECHUNK:
@@ -342,9 +369,9 @@ class Exchange:
             if payload:
                 self.client.write(payload)
             if end >= 0:
-                self._finish(end == len(data))
-        else:  # _NONE: bytes after a body-less response
-            self.reusable = False
+                self._end(end == len(data) and self.reusable)
+        elif framing == _CHUNKED:
+            self.feed(data)
 
     def _scan(self, data: bytes) -> int:
         """Advance over chunk framing; return the index just past the last chunk, else -1."""
@@ -393,15 +420,16 @@ class Exchange:
     def _dechunk(self, data: bytes) -> tuple[bytes, int]:
         """Like :meth:`_scan` but return the chunk payloads (for HTTP/1.0 clients)."""
         out: list[bytes] = []
-        buf = self._buf + data if self._buf else data
         offset = len(self._buf)
+        buf = self._buf + data if self._buf else data
         self._buf = b""
         pos, n = 0, len(buf)
         while pos < n:
             if self._left:
                 take = min(self._left, n - pos)
-                payload_left = max(self._left - 2, 0)
-                out.append(buf[pos:pos + min(take, payload_left)])
+                payload = min(take, max(self._left - 2, 0))
+                if payload:
+                    out.append(buf[pos:pos + payload])
                 self._left -= take
                 pos += take
                 continue
@@ -428,82 +456,72 @@ class Exchange:
                 self._left = size + 2
         return b"".join(out), -1
 
-    # -- endings ------------------------------------------------------------------------------
+    # -- endings ----------------------------------------------------------------------------
 
-    def _finish(self, clean: bool) -> None:
-        """The response is complete; ``clean``: nothing followed it on the engine connection."""
-        if self.done.done():
+    def _end(self, reuse: bool) -> None:
+        """The one way out: lease released, upstream kept or dropped, the proxy told."""
+        if self.ended:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.ended = True
+        self.pool.awaiting.discard(self)
+        self.lease.release()
         upstream = self.upstream
         if self._paused and upstream.transport is not None:
             upstream.transport.resume_reading()
             self._paused = False
-        self.pool.release(upstream, self.reusable and clean and not self.broken)
-        self.client.exchange = None
-        self.done.set_result(self.keep_alive)
+        if reuse and not self.broken:
+            self.pool.release(upstream, True)
+        else:
+            upstream.exchange = None
+            if upstream.transport is not None:
+                upstream.transport.abort()  # the engine sees the disconnect and aborts
+        if self.client.exchange is self:
+            self.client.exchange = None
+        self.on_end(self)
 
-    def _fail_before_head(self, message: str, error: type[UpstreamError] = UpstreamError) -> None:
-        if self.done.done():
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.upstream.exchange = None
-        if self.upstream.transport is not None:
-            self.upstream.transport.abort()
-        self.client.exchange = None
-        self.done.set_exception(error(message))
+    def _fail_before_head(self, status: int, message: str) -> None:
+        if not self.ended:
+            self.error = (status, message)
+            self._end(False)
 
     def _break(self, message: str) -> None:
         """The engine failed after the head went out: end the client's response as well as we
         can — an SSE stream at a chunk boundary gets an error event and a proper end."""
-        if self.done.done():
+        if self.ended:
             return
         self.broken = True
-        self.reusable = False
+        event = sse_error_event(502, f"the engine failed mid-stream: {message}")
         at_boundary = self._left == 0 and not self._buf and not self._in_trailer
         if self.sse and self._framing == _CHUNKED and at_boundary:
-            event = sse_error_event(502, f"the engine failed mid-stream: {message}")
             self.client.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
-            self._finish(False)  # the client's response ended cleanly: keep-alive stays
-            return
-        if self.sse and self._framing in (_DECHUNK, _EOF):
-            self.client.write(sse_error_event(502, f"the engine failed mid-stream: {message}"))
-        self.keep_alive = False
-        self.client.close()
-        self._finish(False)
+        else:  # no clean way to end this response: the client connection goes
+            if self.sse and self._framing in (_DECHUNK, _EOF):
+                self.client.write(event)
+            self.keep_alive = False
+            self.client.close()
+        self._end(False)
 
     def upstream_lost(self) -> None:
-        if self.done.done():
+        if self.ended:
             return
         if self._framing < 0:
-            self._fail_before_head("the engine closed the connection before answering")
+            self._fail_before_head(502, "the engine closed the connection before answering")
         elif self._framing == _EOF:
-            self._finish(False)
+            self._end(False)
         else:
             self._break("the engine closed the connection")
 
-    def _first_byte_timeout(self) -> None:
-        self._timer = None
+    def first_byte_timeout(self) -> None:
         if self._framing < 0:
-            self._fail_before_head("no response from the engine within first_byte_timeout_s",
-                                   FirstByteTimeout)
+            self._fail_before_head(504, "no response from the engine within "
+                                        "first_byte_timeout_s")
 
-    # -- client → engine signals (FrontConnection calls these) ---------------------------------
+    # -- client -> engine signals (FrontConnection calls these) -----------------------------
 
     def client_lost(self) -> None:
         """The client went away: drop the engine connection so the engine aborts the request."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.upstream.exchange = None
-        if self.upstream.transport is not None:
-            self.upstream.transport.abort()
-        if not self.done.done():
-            self.done.cancel()
+        self.client_gone = True
+        self._end(False)
 
     def pause(self) -> None:
         if not self._paused and self.upstream.transport is not None:
@@ -514,6 +532,19 @@ class Exchange:
         if self._paused and self.upstream.transport is not None:
             self._paused = False
             self.upstream.transport.resume_reading()
+
+
+_HOP_RE = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te:|trailer|upgrade)")
+
+
+def _header(lower: bytes, name: bytes) -> bytes:
+    """The (lower-cased, stripped) value of the first header ``name`` in a lower-cased head."""
+    at = lower.find(name)
+    if at < 0:
+        return b""
+    at += len(name)
+    end = lower.find(b"\r\n", at)
+    return lower[at:end if end >= 0 else len(lower)].strip()
 
 
 def _status_of(buf: bytes) -> int:
