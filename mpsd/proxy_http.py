@@ -349,10 +349,15 @@ class FrontConnection(asyncio.Protocol):
             self._process()
 
     def close(self) -> None:
+        """Close after what was written; an exchange still relaying ends first."""
+        if self.exchange is not None:
+            self.exchange.client_lost()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client_lost()
         if self.transport is not None:
             self.transport.abort()
 

@@ -199,7 +199,7 @@ class Exchange:
     a clean end, anything else has its client connection closed, and ``broken`` is set.
     """
 
-    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_paused", "broken", "client",
+    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_out", "_paused", "broken", "client",
                  "client_gone", "deadline", "ended", "engine", "error", "head_at", "head_only",
                  "http11", "keep_alive", "lease", "model", "on_end", "pool", "request",
                  "reusable", "sse", "started", "status", "upstream")
@@ -233,6 +233,10 @@ class Exchange:
         self._left = 0
         self._in_trailer = False
         self._paused = False
+        # the client transport's own write, not a wrapper: this runs once per relayed read.
+        # Safe because a client connection that closes or aborts ends its exchange first.
+        assert client.transport is not None
+        self._out = client.transport.write
 
     def start(self, data: bytes, now: float, first_byte_timeout_s: float) -> None:
         upstream = self.upstream
@@ -250,9 +254,9 @@ class Exchange:
         if framing == _CHUNKED:  # the hot path: an SSE event or a slice of a chunked body
             end = self._scan(data)
             if end < 0:
-                self.client.write(data)
+                self._out(data)
                 return
-            self.client.write(data if end == len(data) else data[:end])
+            self._out(data if end == len(data) else data[:end])
             self._end(end == len(data) and self.reusable)
             return
         if framing < 0:
@@ -286,18 +290,18 @@ class Exchange:
         rest = buf[end + 4:]
         framing = self._framing
         if framing == _NONE:
-            self.client.write(head)
+            self._out(head)
             self._end(not rest and self.reusable)
         elif framing == _LENGTH:  # a whole JSON answer usually comes in one read: one write
             left = self._left
             if len(rest) < left:
                 self._left = left - len(rest)
-                self.client.write(head + rest if rest else head)
+                self._out(head + rest if rest else head)
             else:
-                self.client.write(head + rest[:left])
+                self._out(head + rest[:left])
                 self._end(len(rest) == left and self.reusable)
         else:
-            self.client.write(head)
+            self._out(head)
             if rest:
                 self.feed(rest)
 
@@ -358,16 +362,16 @@ class Exchange:
             left = self._left
             if len(data) < left:
                 self._left = left - len(data)
-                self.client.write(data)
+                self._out(data)
                 return
-            self.client.write(data if len(data) == left else data[:left])
+            self._out(data if len(data) == left else data[:left])
             self._end(len(data) == left and self.reusable)
         elif framing == _EOF:
-            self.client.write(data)
+            self._out(data)
         elif framing == _DECHUNK:
             payload, end = self._dechunk(data)
             if payload:
-                self.client.write(payload)
+                self._out(payload)
             if end >= 0:
                 self._end(end == len(data) and self.reusable)
         elif framing == _CHUNKED:
@@ -404,10 +408,7 @@ class Exchange:
                     return nl + 2 - offset
                 pos = nl + 2
                 continue
-            try:
-                size = int(buf[pos:nl].split(b";", 1)[0], 16)
-            except ValueError:
-                size = -1
+            size = _chunk_size(buf[pos:nl])
             if size < 0:
                 self._break("the engine sent malformed chunked framing")
                 return -1
@@ -442,10 +443,7 @@ class Exchange:
                     return b"".join(out), nl + 2 - offset
                 pos = nl + 2
                 continue
-            try:
-                size = int(buf[pos:nl].split(b";", 1)[0], 16)
-            except ValueError:
-                size = -1
+            size = _chunk_size(buf[pos:nl])
             if size < 0:
                 self._break("the engine sent malformed chunked framing")
                 return b"".join(out), -1
@@ -493,12 +491,12 @@ class Exchange:
         event = sse_error_event(502, f"the engine failed mid-stream: {message}")
         at_boundary = self._left == 0 and not self._buf and not self._in_trailer
         if self.sse and self._framing == _CHUNKED and at_boundary:
-            self.client.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
-        else:  # no clean way to end this response: the client connection goes
+            self._out(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        else:  # no clean way to end this response: the client connection goes (on_end sees
+            # keep_alive False and closes it, so the client notices the body is cut short)
             if self.sse and self._framing in (_DECHUNK, _EOF):
-                self.client.write(event)
+                self._out(event)
             self.keep_alive = False
-            self.client.close()
         self._end(False)
 
     def upstream_lost(self) -> None:
@@ -545,6 +543,17 @@ def _header(lower: bytes, name: bytes) -> bytes:
     at += len(name)
     end = lower.find(b"\r\n", at)
     return lower[at:end if end >= 0 else len(lower)].strip()
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line; -1 if it is not one."""
+    try:
+        return int(line, 16)
+    except ValueError:  # chunk extensions (";name=value") are legal, if rare
+        try:
+            return int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            return -1
 
 
 def _status_of(buf: bytes) -> int:
