@@ -107,6 +107,10 @@ class _ScriptedConn(asyncio.Protocol):
                 self._later(0.002 * (n + 1), self._finish_stream)
             else:
                 self._later(0.002 * (n + 1), self._cut)
+        elif kind == "cutjson":  # promises 100 bytes, sends 10, dies
+            self._send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                       b"content-length: 100\r\n\r\n" + b'{"partial"')
+            self._later(0.002, self._cut)
         elif kind == "hang":
             self.responding = True
         elif kind == "close":

@@ -135,6 +135,20 @@ class TestRelay:
         assert ("tiny", "gpu0/a", 502) in recorder.done
         assert pool.inflight_total() == 0
 
+    async def test_engine_death_mid_body_closes_the_client_connection(
+            self, engines: list[ScriptedEngine], session: aiohttp.ClientSession) -> None:
+        """A cut JSON body cannot be repaired: the client sees the connection end early."""
+        recorder = Recorder()
+        pool = make_pool({"gpu0/a": engines[0].url})
+        async with running_proxy(pool) as proxy:
+            proxy._observer = recorder
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await post(session, proxy, body("cutjson"))
+            await until(lambda: ("tiny", "gpu0/a", 502) in recorder.done)
+            status, _, _ = await post(session, proxy, body())  # a new connection works
+            assert status == 200
+        assert pool.inflight_total() == 0
+
     async def test_client_disconnect_mid_stream_aborts_the_engine_request(
             self, engines: list[ScriptedEngine]) -> None:
         pool = make_pool({"gpu0/a": engines[0].url})
