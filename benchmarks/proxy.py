@@ -651,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
-    parser.add_argument("--arms", default="nginx,reference,reference-asyncio,aiohttp-floor,mpsd")
+    parser.add_argument("--arms", default="nginx,reference,reference-asyncio,aiohttp-floor,"
+                        "uvloop-pipe,mpsd")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--phases", default=",".join(PHASES))
@@ -751,31 +752,43 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _per_k(phase: dict[str, Any], key: str) -> str:
+    """Proxy CPU milliseconds per 1,000 requests or events."""
+    n = phase[key]
+    return f"{1e6 * phase['cpu_s'] / n:.1f}" if n and phase["cpu_s"] else "-"
+
+
 def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
-    base = results["direct"]
     print(f"\nproxy pinned to cpu {args.proxy_cpu}; engines + load generator on cpu "
           f"{args.load_cpu}; {os.cpu_count()} cpus; median of {args.repeat} interleaved "
-          f"round(s) of {args.duration:g} s per phase\n")
+          f"round(s) of {args.duration:g} s per phase; load average "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    measured = set(args.phases.split(","))
+    if measured & {"rps", "latency"}:
+        _print_requests(args, results)
+    if "mixed" in measured:
+        _print_balance(args, results)
+    if "sse" in measured:
+        _print_streams(args, results)
 
-    def per_k(phase: dict[str, Any], key: str) -> str:
-        n = phase[key]
-        return f"{1e6 * phase['cpu_s'] / n:.1f}" if n and phase["cpu_s"] else "-"
 
+def _print_requests(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    nan = {"requests": 0, "seconds": 1, "cpu_s": 0, "p50_ms": float("nan"),
+           "p99_ms": float("nan")}
+    base = results["direct"].get("latency", nan)
     print(f"Non-streaming, {args.concurrency} concurrent clients. rps: the engine answers at "
           f"once (proxy saturated); latency: the engine takes {args.latency_ms} ms.\n")
     print("| arm | req/s | proxy CPU ms/1k req (rps) | proxy CPU ms/1k req (latency) | "
           "p50 ms | p99 ms | added p50 ms | added p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        if "rps" not in r:
-            continue
-        rps = r["rps"]
-        lat = r.get("latency") or {"requests": 0, "cpu_s": 0, "p50_ms": float("nan"),
-                                   "p99_ms": float("nan")}
-        print(f"| {name} | {rps['requests'] / rps['seconds']:.0f} | {per_k(rps, 'requests')} | "
-              f"{per_k(lat, 'requests')} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | "
-              f"{lat['p50_ms'] - base.get('latency', lat)['p50_ms']:+.2f} | "
-              f"{lat['p99_ms'] - base.get('latency', lat)['p99_ms']:+.2f} |")
+        rps, lat = r.get("rps", nan), r.get("latency", nan)
+        print(f"| {name} | {rps['requests'] / rps['seconds']:.0f} | {_per_k(rps, 'requests')} | "
+              f"{_per_k(lat, 'requests')} | {lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | "
+              f"{lat['p50_ms'] - base['p50_ms']:+.2f} | {lat['p99_ms'] - base['p99_ms']:+.2f} |")
+
+
+def _print_balance(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     print(f"\nBalance, mixed lengths: {args.concurrency} clients, each request takes 1-40 ms "
           "(uniform, drawn per request); engine-side counts. An exact least-loaded split is "
           "50.0 % of the requests and of the in-flight time on each engine (direct: the "
@@ -785,12 +798,14 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         mixed = r.get("mixed")
-        if mixed is None:
-            continue
-        print(f"| {name} | {mixed['requests'] / mixed['seconds']:.0f} | "
-              f"{100 * mixed['share0_requests']:.1f} % | "
-              f"{100 * mixed['share0_inflight_integral']:.1f} % | {mixed['p50_ms']:.2f} | "
-              f"{per_k(mixed, 'requests')} |")
+        if mixed is not None:
+            print(f"| {name} | {mixed['requests'] / mixed['seconds']:.0f} | "
+                  f"{100 * mixed['share0_requests']:.1f} % | "
+                  f"{100 * mixed['share0_inflight_integral']:.1f} % | "
+                  f"{mixed['p50_ms']:.2f} | {_per_k(mixed, 'requests')} |")
+
+
+def _print_streams(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     print(f"\nStreaming: {args.streams} concurrent SSE streams of {args.tokens} events, every "
           f"stream one event (one HTTP chunk, one write) per {args.step_ms:g} ms decode step.\n")
     print("| arm | SSE events/s relayed | proxy CPU ms/1k events | proxy CPU % | "
@@ -799,11 +814,9 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
     for name, r in results.items():
         sse = r.get("sse")
         errors = sum(r[p]["errors"] for p in r)
-        if sse is None:
-            print(f"| {name} | - | - | - | - | {errors:.0f} |")
-            continue
-        print(f"| {name} | {sse['events'] / sse['seconds']:.0f} | {per_k(sse, 'events')} | "
-              f"{100 * sse['cpu_util']:.0f} | {sse['ttfb_p50_ms']:.2f} | {errors:.0f} |")
+        if sse is not None:
+            print(f"| {name} | {sse['events'] / sse['seconds']:.0f} | {_per_k(sse, 'events')} | "
+                  f"{100 * sse['cpu_util']:.0f} | {sse['ttfb_p50_ms']:.2f} | {errors:.0f} |")
 
 
 if __name__ == "__main__":

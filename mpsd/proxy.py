@@ -19,13 +19,11 @@ connection over for that request and closes it afterwards.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -36,7 +34,9 @@ from mpsd.errors import ConfigError
 from mpsd.openai_errors import error_body
 from mpsd.pool import Backend, BackendPool, Lease, NoCapacity, UnknownModel
 from mpsd.proxy_http import FrontConnection, Request
-from mpsd.proxy_upstream import Exchange, UpstreamConnectError, UpstreamConnection, UpstreamPool
+from mpsd.proxy_relay import Exchange
+from mpsd.proxy_request import authorized, load_api_keys, model_of, upstream_request
+from mpsd.proxy_upstream import UpstreamConnectError, UpstreamConnection, UpstreamPool
 
 log = structlog.get_logger("mpsd.proxy")
 
@@ -45,8 +45,6 @@ RouteHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _FORWARDED = frozenset({b"/tokenize", b"/detokenize", b"/pooling", b"/classify", b"/score",
                         b"/rerank", b"/invocations"})
 _LOCAL = frozenset({b"/health", b"/ping", b"/mpsd/status"})
-_MODEL_KEY = b'"model"'
-_MODEL_VALUE = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _HOUSEKEEPING_S = 1.0
 _CLIENT_IDLE_S = 75.0
 _CLIENT_HEAD_S = 30.0
@@ -77,47 +75,6 @@ class _Route:
                  auth: bool) -> None:
         self.method, self.path, self.handler = method.upper(), path, handler
         self.prefix, self.auth = prefix, auth
-
-
-def load_api_keys(path: str) -> tuple[bytes, ...] | None:
-    """Keys from ``api_keys_file`` (one per line, ``#`` comments); ``None`` when auth is off."""
-    if not path:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(path, "proxy.api_keys_file", f"cannot read it ({exc.strerror})",
-                          "make the file readable by mpsd, or set api_keys_file = \"\"") from None
-    keys = [line.strip() for line in text.splitlines()]
-    return tuple(k.encode() for k in keys if k and not k.startswith("#"))
-
-
-def model_of(body: bytes) -> str | None:
-    """The top-level ``model`` of a JSON body, without parsing all of it when that is safe.
-
-    One ``"model": "..."`` occurrence is read in place (a prompt's own quotes are escaped, so
-    they cannot match); anything else — several occurrences, a non-string value — is decided by
-    ``json.loads``. Unparseable bodies give ``None`` (the engine then answers the 400).
-    """
-    count = body.count(_MODEL_KEY)
-    if count == 0:
-        return None
-    if count == 1:
-        match = _MODEL_VALUE.match(body, body.find(_MODEL_KEY))
-        if match is not None:
-            raw = match.group(1)
-            if b"\\" not in raw:
-                return raw.decode("utf-8", "replace")
-    return _model_parsed(body)
-
-
-def _model_parsed(body: bytes) -> str | None:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return None
-    value = doc.get("model") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
 
 
 class ProxyServer:
@@ -204,6 +161,8 @@ class ProxyServer:
             await self._aio.shutdown(max(grace, 0.1))
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         self._upstreams.close()
         log.info("proxy_stopped")
 
@@ -320,7 +279,8 @@ class ProxyServer:
     # -- local endpoints ---------------------------------------------------------------------
 
     def _local(self, conn: FrontConnection, request: Request) -> None:
-        if request.method not in (b"GET", b"HEAD"):
+        allowed = (b"GET", b"HEAD", b"POST") if request.path == b"/ping" else (b"GET", b"HEAD")
+        if request.method not in allowed:
             self._reply(conn, request, 405, "Method Not Allowed", extra=b"allow: GET, HEAD\r\n")
             return
         if request.path == b"/mpsd/status":
@@ -355,12 +315,7 @@ class ProxyServer:
                      head_only=request.method == b"HEAD")
 
     def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        ok = False
-        for key in self._keys or ():
-            ok |= hmac.compare_digest(key, token)  # every key, no early exit: constant time
-        return ok and scheme.lower() == b"bearer"
+        return authorized(self._keys or (), header)
 
     def _reply(self, conn: FrontConnection, request: Request, status: int, message: str, *,
                param: str | None = None, extra: bytes = b"", finish: bool = True) -> None:
@@ -376,7 +331,7 @@ class ProxyServer:
         host = self._upstreams.origin(lease.backend.base_url)[2]
         exchange = Exchange(conn, upstream, lease, request, model, started, self._ended)
         now = self._loop.time()
-        exchange.start(_upstream_request(request, host), now, self._config.first_byte_timeout_s)
+        exchange.start(upstream_request(request, host), now, self._config.first_byte_timeout_s)
 
     async def _serve(self, conn: FrontConnection, request: Request, model: str | None,
                      lease: Lease | None) -> None:
@@ -491,13 +446,3 @@ def _debug_enabled() -> bool:
 def _aio_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=error_body(status, message),
                         content_type="application/json")
-
-
-def _upstream_request(request: Request, host: bytes) -> bytes:
-    """The request as the engine gets it: end-to-end headers verbatim, body re-framed."""
-    body = request.body
-    sized = body or request.content_length is not None or request.chunked
-    headers = b"\r\n".join(request.forward)
-    return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s%s%s" % (
-        request.method, request.target, host, headers, b"\r\n" if headers else b"",
-        b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n", body)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from mpsd.openai_errors import error_body, sse_error_event
-from mpsd.proxy import _upstream_request, model_of
 from mpsd.proxy_http import HttpError, parse_head
+from mpsd.proxy_request import authorized, model_of, upstream_request
 
 
 class TestParseHead:
@@ -114,9 +114,19 @@ def test_upstream_request_reframes_the_body() -> None:
     req = parse_head(b"POST /v1/completions HTTP/1.1\r\nHost: client\r\nTransfer-Encoding: "
                      b"chunked\r\nContent-Type: application/json")
     req.body = b'{"model":"m"}'
-    raw = _upstream_request(req, b"127.0.0.1:9")
+    raw = upstream_request(req, b"127.0.0.1:9")
     assert raw == (b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"
                    b"Content-Type: application/json\r\ncontent-length: 13\r\n\r\n"
                    b'{"model":"m"}')
     get = parse_head(b"GET /v1/models HTTP/1.1")
-    assert _upstream_request(get, b"h:1") == b"GET /v1/models HTTP/1.1\r\nhost: h:1\r\n\r\n"
+    assert upstream_request(get, b"h:1") == b"GET /v1/models HTTP/1.1\r\nhost: h:1\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [(b"Bearer sk-a", True), (b"bearer sk-b", True), (b"Bearer  sk-a ", True),
+     (b"Bearer sk-c", False), (b"Basic sk-a", False), (b"sk-a", False), (b"", False)],
+)
+def test_authorized(header: bytes, ok: bool) -> None:
+    assert authorized((b"sk-a", b"sk-b"), header) is ok
+    assert authorized((), header) is False
