@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Proxy overhead benchmark: client -> engine directly vs client -> proxy -> engines.
 
-One command, one run, every arm side by side::
+One command, one run, every arm side by side (results and method: docs/performance.md)::
 
-    .venv/bin/python benchmarks/proxy.py            # ~2 minutes on 2 cores
-    .venv/bin/python benchmarks/proxy.py --quick    # shorter phases
+    .venv/bin/python benchmarks/proxy.py            # 3 interleaved rounds, ~15 min on 2 cores
+    .venv/bin/python benchmarks/proxy.py --quick    # 1 short round, ~2 min
 
 Arms: ``direct`` (the load generator splits its connections over the two engines itself),
-``nginx`` (least_conn, if ``nginx`` is on PATH), ``reference`` (a minimal ~100-line aiohttp
+``nginx`` (least_conn, if ``nginx`` is on PATH), ``reference`` (a minimal aiohttp
 least-in-flight proxy on uvloop, written below), ``reference-asyncio`` (the same on the plain
-asyncio loop) and ``mpsd`` (mpsd's ``ProxyServer`` + ``BackendPool``).
+asyncio loop), ``aiohttp-floor`` (aiohttp's server answering from memory: the floor of any
+aiohttp-served proxy), ``uvloop-pipe`` (a Python TCP byte pipe: the floor of moving bytes
+through uvloop callbacks) and ``mpsd`` (mpsd's ``ProxyServer`` + ``BackendPool``).
 
 Placement: the proxy under test is pinned to core 0; the two engines and the load generator share
 core 1 (``--proxy-cpu`` / ``--load-cpu``). The engines are purpose-built here (``_engine``): raw
@@ -18,15 +20,16 @@ they, not the proxy, are never the bottleneck (the project's fake vLLM is an aio
 be). Streaming engines emit like vLLM: one event per running stream per decode step, each its own
 write and HTTP chunk.
 
-Phases (each after a warm-up):
+Phases (each after a warm-up; ``--phases`` picks some):
   rps      non-streaming, engine answers at once, closed loop at --concurrency: req/s, proxy CPU
   latency  non-streaming, engine takes --latency-ms, closed loop at --concurrency: p50/p99,
            added latency vs direct, proxy CPU per request below saturation
+  mixed    non-streaming, each request takes 1-40 ms: the engines' request and in-flight split
   sse      streaming, --streams concurrent streams of --tokens events, decode step --step-ms:
            events/s relayed, proxy CPU per 1k events
 
-CPU is utime+stime of the proxy process from /proc/PID/stat (clock ticks) over the measured
-window.
+CPU is utime+stime of the proxy process from /proc/PID/stat (clock ticks), read by the load
+generator at the start and the end of the measured window.
 """
 
 from __future__ import annotations
@@ -463,7 +466,7 @@ async def _load(ports: list[int], concurrency: int, duration: float, warmup: flo
 
     rng = random.Random(1)
 
-    async def worker(proto: _Client, req: bytes) -> None:
+    async def worker(proto: _Client, req: bytes, port: int) -> None:
         nonlocal errors
         mixed = b"MIXED" in req
         while True:
@@ -477,9 +480,12 @@ async def _load(ports: list[int], concurrency: int, duration: float, warmup: flo
                 req_now = req
             try:
                 status, _ = await proto.request(req_now)
-            except ConnectionError:
+            except ConnectionError:  # the server closed the connection: count, reconnect
                 errors += 1
-                return
+                _, proto = await loop.create_connection(_Client, "127.0.0.1", port)
+                if stream:
+                    proto.on_data = _count_events
+                continue
             t1 = time.perf_counter()
             if status != 200:
                 errors += 1
@@ -487,7 +493,8 @@ async def _load(ports: list[int], concurrency: int, duration: float, warmup: flo
                 lat.append(t1 - t0)
                 ttfb.append(proto.first - t0)
 
-    tasks = [asyncio.create_task(worker(p, r)) for p, r in conns]
+    tasks = [asyncio.create_task(worker(p, r, ports[i % len(ports)]))
+             for i, (p, r) in enumerate(conns)]
     await asyncio.sleep(t_measure - time.perf_counter())
     cpu0 = _cpu_ticks(cpu_pid) if cpu_pid else 0
     _Window.open = True
@@ -568,10 +575,10 @@ daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid;
 error_log {dir}/error.log error;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  upstream engines {{ least_conn; {servers} keepalive 512; }}
+  upstream engines {{ least_conn; {servers} keepalive 512; keepalive_requests 1000000; }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{

@@ -4,9 +4,11 @@ The dominant bug of every router the project studied (vllm-router #179, LiteLLM 
 load-counter bookkeeping: a missed decrement, a double one, or a tie always broken toward the
 first backend, and all traffic ends up on one engine. So the rules here are strict:
 
-* :meth:`BackendPool.lease` is the **only** place an in-flight count changes: +1 exactly once when
-  a backend is handed out, -1 exactly once in ``__aexit__`` — on success, error, cancellation,
-  timeout, and when the caller gives up the backend to retry elsewhere.
+* A :class:`Lease` (from :meth:`BackendPool.lease`, or :meth:`BackendPool.try_lease` on the
+  proxy's synchronous hot path) is the **only** thing that changes an in-flight count: +1 exactly
+  once when a backend is handed out, -1 exactly once on release — ``__aexit__`` of
+  ``async with``, or :meth:`Lease.release` by whoever owns the request's end, which is idempotent
+  so that "release on every path" can never become "release twice".
 * :func:`pick` is pure: fewest in flight among routable backends under the cap, ties broken by
   the injected ``random.Random``.
 * State changes (:meth:`~BackendPool.set_routable`, :meth:`~BackendPool.remove`) are synchronous,

@@ -1,14 +1,18 @@
 """The OpenAI-compatible front door: every ``/v1/*`` request to the least-loaded engine.
 
-Shape of the hot path (DESIGN §6, docs/performance.md for why it is not aiohttp end to end):
+Shape of the hot path (DESIGN §6; docs/performance.md says why it is not aiohttp end to end):
 
-* :mod:`mpsd.proxy_http` parses the request on the client connection's protocol callback;
-* :meth:`ProxyServer._serve` (one task per proxied request) resolves the model from the JSON
-  body, takes a backend with ``pool.lease()`` — the only place in-flight counts change — and an
-  upstream connection, retrying on another engine only when *connecting* failed;
-* :mod:`mpsd.proxy_upstream` relays the response from the engine's protocol callback straight to
-  the client transport, chunk by chunk, unbuffered; a client disconnect aborts the engine
-  connection at once (vLLM then aborts the request).
+* :mod:`mpsd.proxy_http` parses the request in the client connection's protocol callback, and
+  :meth:`ProxyServer.handle` reads the model from the JSON body;
+* ``pool.try_lease(model)`` — a :class:`~mpsd.pool.Lease`, the only thing that changes in-flight
+  counts — and an idle engine connection are taken synchronously; when either is missing, one
+  task (:meth:`ProxyServer._serve`) waits in the FIFO admission queue and/or connects, and a
+  failed *connect* (the request never left) moves on to another engine, each once;
+* an :class:`~mpsd.proxy_relay.Exchange` then owns the lease: it sends the request and relays
+  the response from the engine connection's callback straight into the client transport, chunk
+  by chunk, unbuffered; however it ends (complete, engine failure, first-byte timeout, client
+  gone — which aborts the engine connection, so vLLM aborts the request) it releases the lease
+  once and calls :meth:`ProxyServer._ended`, the one place a request is recorded and finished.
 
 ``/health``, ``/ping``, ``/v1/models`` and ``/mpsd/status`` are answered here. Everything else
 (``/metrics``, ``/mpsd/…`` pages another module mounts with :meth:`ProxyServer.add_route`) goes
