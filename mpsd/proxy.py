@@ -55,16 +55,22 @@ _CLIENT_HEAD_S = 30.0
 
 
 class RequestObserver(Protocol):
-    """Per-request hooks (``metrics.py`` implements them); called on the event loop."""
+    """Per-request hooks (``metrics.py`` implements them); called on the event loop.
 
-    def request_done(self, model: str, engine: str, code: int, duration_s: float,
+    ``request_done`` once per request that reached the proxying stage: ``model`` is the model it
+    went to (``None`` if it named none and none was chosen), ``engine`` the backend key (``None``
+    if no engine was picked: 404, 503), ``code`` the status the client got — 499 when the client
+    went away first, 502 when the engine broke after the head went out.
+    """
+
+    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None: ...
 
     def queue_wait(self, seconds: float) -> None: ...
 
 
 class _NullObserver:
-    def request_done(self, model: str, engine: str, code: int, duration_s: float,
+    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None:
         pass
 
@@ -269,7 +275,7 @@ class ProxyServer:
             lease = self._pool.try_lease(model)
         except UnknownModel as exc:
             self._reply(conn, request, 404, str(exc), param="model")
-            self._observer.request_done(model or "-", "-", 404, 0.0, None)
+            self._observer.request_done(model, None, 404, 0.0, None)
             return
         if lease is not None:  # the hot path: a free engine and a warm connection, no task
             assert lease.backend is not None
@@ -394,8 +400,7 @@ class ProxyServer:
             if lease is not None:
                 lease.release()
             if code:
-                self._observer.request_done(model or "-", "-", code, loop.time() - started,
-                                            None)
+                self._observer.request_done(model, None, code, loop.time() - started, None)
                 if not conn.closed:
                     conn.response_done(request.keep_alive and code not in (499, 500))
 
@@ -415,10 +420,10 @@ class ProxyServer:
         now = self._loop.time()
         ttfb = exchange.head_at - exchange.started if exchange.head_at else None
         engine = exchange.engine
-        self._observer.request_done(exchange.model or "-", engine, code, now - exchange.started,
-                                    ttfb)
+        model = exchange.model or exchange.backend_model
+        self._observer.request_done(model, engine, code, now - exchange.started, ttfb)
         if self._debug:  # one line per request, only when asked for: never on the hot path
-            log.debug("request_proxied", model=exchange.model, engine=engine, status=code,
+            log.debug("request_proxied", model=model, engine=engine, status=code,
                       duration_s=round(now - exchange.started, 6), ttfb_s=ttfb)
         if not conn.closed:
             conn.response_done(keep_alive)

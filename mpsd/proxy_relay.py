@@ -38,10 +38,10 @@ class Exchange:
     a clean end, anything else has its client connection closed, and ``broken`` is set.
     """
 
-    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_out", "_paused", "broken", "client",
-                 "client_gone", "deadline", "ended", "engine", "error", "head_at", "head_only",
-                 "http11", "keep_alive", "lease", "model", "on_end", "pool", "request",
-                 "reusable", "sse", "started", "status", "upstream")
+    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_out", "_paused", "backend_model",
+                 "broken", "client", "client_gone", "deadline", "ended", "engine", "error",
+                 "head_at", "head_only", "http11", "keep_alive", "lease", "model", "on_end",
+                 "pool", "request", "reusable", "sse", "started", "status", "upstream")
 
     def __init__(self, client: FrontConnection, upstream: UpstreamConnection, lease: Lease,
                  request: Request, model: str | None, started: float,
@@ -51,6 +51,7 @@ class Exchange:
         self.pool = upstream.pool
         self.lease = lease
         self.engine = lease.backend.key if lease.backend is not None else "-"
+        self.backend_model = lease.backend.model if lease.backend is not None else None
         self.request = request
         self.model = model
         self.started = started

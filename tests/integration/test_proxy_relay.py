@@ -40,10 +40,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 class Recorder:
     def __init__(self) -> None:
-        self.done: list[tuple[str, str, int]] = []
+        self.done: list[tuple[str | None, str | None, int]] = []
         self.waits: list[float] = []
 
-    def request_done(self, model: str, engine: str, code: int, duration_s: float,
+    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None:
         self.done.append((model, engine, code))
 
@@ -280,10 +280,14 @@ class TestErrors:
 
     async def test_missing_model_is_400_only_when_ambiguous(
             self, engines: list[ScriptedEngine], session: aiohttp.ClientSession) -> None:
+        recorder = Recorder()
         pool = make_pool({"gpu0/a": engines[0].url})
         async with running_proxy(pool) as proxy:
+            proxy._observer = recorder
             status, _, _ = await post(session, proxy, {"prompt": "hi"})
             assert status == 200  # one model: served by it, like vLLM
+            await until(lambda: recorder.done)
+            assert recorder.done == [("tiny", "gpu0/a", 200)]  # recorded under the real model
         pool = make_pool({"gpu0/a": engines[0].url})
         pool.add(make_pool({"gpu0/b": engines[1].url}, model="other").backends()[0])
         async with running_proxy(pool) as proxy:
