@@ -108,6 +108,7 @@ class Daemon:
                         tg.start_soon(self.reload)
                         continue
                     self.notifier.stopping("stopping: draining engines")
+                    self.proxy.refuse_new()
                     self.supervisor.stop()
 
     async def announce_ready(self) -> None:

@@ -8,6 +8,7 @@ silently runs outside MPS).
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import aiohttp
 import anyio
 
 from mpsd import logs
-from mpsd.errors import HealthCheckFailed, MemberExited, StartupTimeout
+from mpsd.errors import HealthCheckFailed, MemberExited, SpawnError, StartupTimeout
 from mpsd.mps import MpsDaemon
 from mpsd.plan import EnginePlan
 from mpsd.process import ChildProcess
@@ -41,6 +42,17 @@ def group_pids(pgid: int) -> set[int]:
     return pids
 
 
+def port_free(port: int) -> bool:
+    """Whether ``127.0.0.1:port`` can be bound (as the engine will, with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Engine:
     """A running (or about to run) engine of a group."""
 
@@ -64,6 +76,11 @@ class Engine:
         return self.process.running_pid
 
     async def start(self) -> None:
+        """Spawn; :class:`SpawnError` when its port is taken (the engine would die on bind
+        after a long model load, or worse, another server would answer in its place)."""
+        if not port_free(self.plan.port):
+            raise SpawnError(f"{self.key}: port {self.plan.port} on 127.0.0.1 is already in use; "
+                             "free it or change daemon.engine_port_base")
         await self.process.start()
 
     async def wait_ready(self, mps: MpsDaemon | None) -> float:

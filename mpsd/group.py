@@ -156,17 +156,30 @@ class GpuGroup:
         if tg is None or on_fault is None or self.state is not GroupState.RUNNING:
             return False
         self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
+        failed: list[Fault] = []
         if self.mps is None:
             ready = anyio.Event()
             tg.start_soon(self._engine_slot, plan, ready, on_fault)
             await ready.wait()
         else:
-            engine = await self._start_engine(plan, self.mps, on_fault)
+            # A new engine that fails to start is its own problem, not its serving siblings':
+            # it is killed and left out; real faults of the shared context still arrive
+            # through the MPS signals and end the attempt.
+            engine = await self._start_engine(plan, self.mps, failed.append)
             if engine is None:
-                return False
+                await self._drop_engine(plan.key, failed[0].reason)
+                return True
             tg.start_soon(self._watch_mps_engine, engine, on_fault)
         _log.info("engine_rolled_in", gpu=self.key, engine=plan.key)
         return True
+
+    async def _drop_engine(self, key: str, reason: str) -> None:
+        engine = self.engines.pop(key, None)
+        if engine is not None:
+            await engine.process.kill()
+        self._pool.remove(key)
+        _log.error("engine_roll_in_failed", gpu=self.key, engine=key, reason=reason)
+        self._set_reason(f"reload: {key} failed to start ({reason}); the others serve")
 
     # -- the loop ------------------------------------------------------------------------
 

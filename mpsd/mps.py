@@ -18,7 +18,7 @@ import anyio
 
 from mpsd import logs
 from mpsd.errors import MpsCommandError, SpawnError
-from mpsd.mps_log import LogTailer, MpsLogEvent
+from mpsd.mps_log import MpsLogEvent, MpsOutput
 from mpsd.plan import inherited_env
 from mpsd.process import ChildProcess
 
@@ -45,7 +45,6 @@ class MpsDaemon:
         self._timeout = command_timeout_s
         self._on_log = on_log
         self._proc: ChildProcess | None = None
-        self._tailers: list[LogTailer] = []
         self.applied: dict[str, str] = {}
 
     @property
@@ -60,15 +59,10 @@ class MpsDaemon:
     async def start(self, ready_timeout_s: float = 30.0) -> None:
         """Start the daemon, wait until it answers, apply and read back its settings."""
         self._prepare_dirs()
-        self._tailers = [LogTailer(self.log_dir / name, self._on_log, group=self.group)
-                         for name in ("control.log", "server.log")]
-        for tailer in self._tailers:
-            tailer.skip_existing()
         self._proc = ChildProcess(f"mps-control-{self.group}", (self.binary, "-f"), self._env,
-                                  registry=self._registry, log_fields={"gpu": self.group})
+                                  registry=self._registry, log_fields={"gpu": self.group},
+                                  on_line=MpsOutput(self.group, self._on_log))
         await self._proc.start()
-        for tailer in self._tailers:
-            tailer.start()
         await self._wait_answering(ready_timeout_s)
         await self.apply_settings()
         _log.info("mps_daemon_ready", gpu=self.group, pid=self._proc.pid, applied=self.applied)
@@ -166,7 +160,6 @@ class MpsDaemon:
                 except MpsCommandError as exc:
                     _log.warning("mps_quit_failed", gpu=self.group, error=str(exc))
             await self._proc.terminate(timeout_s)
-            await self._stop_tailers()
             self._clean_pipe_dir()
             _log.info("mps_daemon_stopped", gpu=self.group)
 
@@ -175,7 +168,6 @@ class MpsDaemon:
         with anyio.CancelScope(shield=True):
             if self._proc is not None:
                 await self._proc.kill()
-            await self._stop_tailers()
             self._clean_pipe_dir()
 
     async def _wait_answering(self, timeout_s: float) -> None:
@@ -203,8 +195,3 @@ class MpsDaemon:
         """A dead daemon's sockets and pid file would confuse the next one and its clients."""
         if self.pipe_dir.is_dir():
             shutil.rmtree(self.pipe_dir, ignore_errors=True)
-
-    async def _stop_tailers(self) -> None:
-        for tailer in self._tailers:
-            await tailer.stop()
-        self._tailers = []

@@ -1,4 +1,4 @@
-"""Tail the MPS ``control.log``/``server.log`` and turn their lines into typed events.
+"""Turn the MPS control daemon's log lines (control and server) into typed events.
 
 The lines are matched loosely (mps.md §2.6): the doc's examples are not what driver 580
 prints, and the next driver may change them again. A fatal-fault line is one of the group's
@@ -7,20 +7,14 @@ fault signals; the connection noise lines go to debug.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-import anyio
 
 from mpsd import logs
 
 _log = logs.get("mpsd.mps_log")
-_POLL_S = 0.1
 
 
 class MpsLogKind(enum.StrEnum):
@@ -55,6 +49,7 @@ _PATTERNS: tuple[tuple[MpsLogKind, re.Pattern[str]], ...] = (
                                     r"pinned memory limit .* set to", re.IGNORECASE)),
     (MpsLogKind.COMMAND, re.compile(r"\bCmd:", re.IGNORECASE)),
 )
+_SOURCE = re.compile(r"^\[[^\]]*?\b(Control|Server)\b")
 _PID = re.compile(r"PID:\s*(\d+)|(?:CLIENT|[Ss]erver)\s+(\d+)")
 
 
@@ -88,61 +83,20 @@ def _level(event: MpsLogEvent) -> str:
     return "info"
 
 
-class LogTailer:
-    """Follows one log file by polling its size (cheap; no inotify dependency)."""
+class MpsOutput:
+    """Turns the control daemon's output lines into events and log lines.
 
-    def __init__(self, path: Path, deliver: Callable[[MpsLogEvent], None], *, group: str) -> None:
-        self.path = path
-        self._deliver = deliver
+    Under ``-f`` (how mpsd runs it) driver 580 writes no ``control.log``/``server.log``: both
+    logs go to the daemon's stdout, which mpsd reads through a pipe (measured on an H200).
+    """
+
+    def __init__(self, group: str, deliver: Callable[[MpsLogEvent], None]) -> None:
         self._group = group
-        self._offset = 0
-        self._partial = b""
-        self._task: asyncio.Task[None] | None = None
+        self._deliver = deliver
 
-    def skip_existing(self) -> None:
-        """Start at the current end: lines of a previous daemon are not news."""
-        try:
-            self._offset = self.path.stat().st_size
-        except FileNotFoundError:
-            self._offset = 0
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._follow())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self.poll()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    def poll(self) -> None:
-        """Read what was appended since the last call and deliver each complete line."""
-        try:
-            with self.path.open("rb") as handle:
-                size = handle.seek(0, 2)
-                if size < self._offset:  # truncated or replaced: start over
-                    self._offset, self._partial = 0, b""
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return
-        self._offset += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        source = self.path.stem
-        for raw in lines:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            event = parse_line(self._group, source, line)
-            level = _level(event)
-            _log.log(logs.level_number(level), "mps_log", gpu=self._group, source=source,
-                     kind=str(event.kind), pid=event.pid, line=line)
-            self._deliver(event)
-
-    async def _follow(self) -> None:
-        while True:
-            self.poll()
-            await anyio.sleep(_POLL_S)
+    def __call__(self, line: str) -> None:
+        source = _SOURCE.search(line)
+        event = parse_line(self._group, source.group(1).lower() if source else "control", line)
+        _log.log(logs.level_number(_level(event)), "mps_log", gpu=self._group,
+                 source=event.source, kind=str(event.kind), pid=event.pid, line=line)
+        self._deliver(event)

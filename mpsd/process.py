@@ -59,6 +59,7 @@ class ChildProcess:
                  cpus: Sequence[int] | None = None, registry: Path | None = None,
                  log_fields: Mapping[str, Any] | None = None,
                  on_line: Callable[[str], None] | None = None) -> None:
+        """``on_line`` takes over the child's output lines (else each is an ``output`` event)."""
         self.name = name
         self.argv = tuple(argv)
         self.env = dict(env)
@@ -174,8 +175,9 @@ class ChildProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
-            if self._on_line is not None:
+            if self._on_line is not None:  # the owner parses and logs this output itself
                 self._on_line(line)
+                continue
             level = "warning" if ("ERROR" in line or "Traceback" in line) else "info"
             _log.log(logs.level_number(level), "output", line=line, **fields)
 

@@ -109,6 +109,7 @@ class ProxyServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._draining = False
+        self._refusing = False
         self._last_sweep = 0.0
         self._stopping: asyncio.Future[None] | None = None
         self._port = config.port
@@ -175,6 +176,11 @@ class ProxyServer:
                 await self._housekeeping
         self._upstreams.close()
         log.info("proxy_stopped")
+
+    def refuse_new(self) -> None:
+        """Shutdown began: new ``/v1`` requests get 503 + Retry-After (not the 404 an emptied
+        pool would give), requests in flight go on while the engines drain."""
+        self._refusing = True
 
     def apply(self, config: ProxyConfig) -> None:
         """Live reload: timeouts, body limit, keys, cap, connection limit (not ``listen``)."""
@@ -264,6 +270,11 @@ class ProxyServer:
             return
         if path.startswith(b"/v1/models") and request.method in (b"GET", b"HEAD"):
             self._models(conn, request)
+            return
+        if self._refusing:
+            self._reply(conn, request, 503, "mpsd is shutting down; retry on another host.",
+                        extra=b"retry-after: 5\r\n")
+            self._observer.request_done(None, None, 503, 0.0, None)
             return
         model = model_of(request.body) if request.body else None
         if model is None and request.body and self._pool.model_count() > 1:

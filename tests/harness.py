@@ -125,7 +125,7 @@ class Mpsd:
 
     def __post_init__(self) -> None:
         self.port, base = free_ports(2)
-        self.engine_port_base = 20000 + (base % 20000)
+        self.engine_port_base = 20000 + (base % 10000)  # below the ephemeral range
         self.config_file = self.workdir / "mpsd.toml"
         self.log_file = self.workdir / "mpsd.log"
         self.engine_events = self.workdir / "engines.jsonl"

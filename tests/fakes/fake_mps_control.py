@@ -69,8 +69,8 @@ class Daemon:
         self._spawn_lock = asyncio.Lock()
 
     def log(self, message: str) -> None:
-        """Append one line to control.log in the driver's bracket format."""
-        fakeutil.append_text(self.log_path, fakeutil.mps_log_line("Control", self.pid, message))
+        """One control.log line in the driver's bracket format (on stderr under ``-f``)."""
+        fakeutil.mps_log(self.log_path, fakeutil.mps_log_line("Control", self.pid, message))
 
     async def run(self) -> int:
         """Listen on ``<pipe>/control`` until quit, SIGTERM or SIGINT; return the exit code."""
@@ -265,7 +265,7 @@ def _daemon_alive(path: Path) -> bool:
 def _background() -> int:
     """``-d``: start ``-f`` detached in its own session, like the real daemon's fork."""
     subprocess.Popen([sys.executable, str(HERE / "fake_mps_control.py"), "-f"],
-                     start_new_session=True,
+                     start_new_session=True, env={**os.environ, "FAKE_MPS_LOG_FILES": "1"},
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
     pipe_dir, _ = _dirs()

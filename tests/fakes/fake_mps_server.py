@@ -72,8 +72,8 @@ class Server:
         self.ev = fakeutil.EventLog("FAKE_MPS_EVENTS", "mps-server")
 
     def log(self, message: str) -> None:
-        """Append one line to server.log in the driver's bracket format."""
-        fakeutil.append_text(self.log_path, fakeutil.mps_log_line("Server", self.pid, message))
+        """One server.log line in the driver's bracket format (on stderr under ``-f``)."""
+        fakeutil.mps_log(self.log_path, fakeutil.mps_log_line("Server", self.pid, message))
 
     def _ensure_context(self) -> None:
         """The server context is created at start and lazily again after a fault recovery."""

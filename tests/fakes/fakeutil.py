@@ -156,6 +156,16 @@ def mps_log_line(role: str, pid: int, message: str) -> str:
     return f"[{stamp}.{millis:03d} {role:<7} {pid:>5}] {message}\n"
 
 
+def mps_log(path: str, text: str) -> None:
+    """One MPS log line where driver 580 puts it: ``-f`` prints both logs on the daemon's
+    output (measured on an H200: no control.log/server.log is written); ``-d`` writes files."""
+    if os.environ.get("FAKE_MPS_LOG_FILES") == "1":
+        append_text(path, text)
+        return
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
 def append_text(path: str, text: str) -> None:
     """Append to a log file in one write; logging must never crash a fake."""
     with contextlib.suppress(OSError):

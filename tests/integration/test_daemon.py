@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -250,3 +252,37 @@ def test_explicit_cpu_affinity_is_applied_before_exec(mpsd: Mpsd) -> None:
         status = Path(f"/proc/{pids[key]}/status").read_text()
         assert f"Cpus_allowed_list:\t{core}\n" in status
     assert mpsd.terminate() == 0
+
+
+def test_engine_port_in_use_is_a_boot_failure_naming_the_port(mpsd: Mpsd) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", mpsd.engine_port_base))
+        squatter.listen()
+        mpsd.start()
+        assert mpsd.proc is not None
+        assert mpsd.proc.wait(30) == 1
+    failed = mpsd.events("group_state", to="failed")[0]["reason"]
+    assert f"port {mpsd.engine_port_base}" in failed and "already in use" in failed
+
+
+def test_shutdown_refuses_new_requests_with_503_while_in_flight_ones_finish(mpsd: Mpsd) -> None:
+    mpsd.engine_env = {"FAKE_ENGINE_TOKEN_DELAY_S": "0.05"}
+    mpsd.overrides = {"defaults": {"stop_timeout_s": 10}}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    results: list[int] = []
+    slow = threading.Thread(target=lambda: results.append(http(
+        "POST", f"{mpsd.url}/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": 60}, timeout=30)[0]))
+    slow.start()
+    wait_until(lambda: mpsd.engine_events_of("request", max_tokens=60), 10, "slow request sent")
+    assert mpsd.proc is not None
+    mpsd.proc.send_signal(signal.SIGTERM)
+    mpsd.wait_log("signal_received")
+    code, headers, body = http("POST", f"{mpsd.url}/v1/completions",
+                               {"model": "tiny", "prompt": "x", "max_tokens": 1})
+    assert code == 503, body
+    assert "retry-after" in {k.lower() for k in headers}
+    slow.join(30)
+    assert results == [200]
+    assert mpsd.proc.wait(30) == 0

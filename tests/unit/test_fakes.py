@@ -187,7 +187,7 @@ def test_commands_defaults_logs_and_sigterm(rig: Rig) -> None:
                   "set_default_device_pinned_mem_limit 0 10G",
                   "get_default_device_pinned_mem_limit 0", "help")
     assert out.splitlines() == ["50.0", "50.0", "10G", 'Unknown command "help"']
-    control = (rig.logs / "control.log").read_text()
+    control = (rig.dir / "mps-daemon.log").read_text()
     assert "] User did not send valid credentials" in control
     assert "Control " in control and "] Cmd:get_server_list" in control
     daemon.send_signal(signal.SIGTERM)
@@ -198,7 +198,7 @@ def test_commands_defaults_logs_and_sigterm(rig: Rig) -> None:
 def test_fault_reaches_every_client_and_server_recovers_with_same_pid(rig: Rig) -> None:
     """1. two engines attach (their EngineCore PIDs are the clients), defaults applied lazily
     2. fake_fault: both EngineCores exit, both API servers exit with code 0
-    3. the server goes FAULT -> ACTIVE with the same PID, and server.log tells the story."""
+    3. the server goes FAULT -> ACTIVE with the same PID, and its log lines tell the story."""
     rig.daemon()
     rig.mps("set_default_active_thread_percentage 50", "set_default_device_pinned_mem_limit 0 10G")
     ports = [free_port(), free_port()]
@@ -217,7 +217,7 @@ def test_fault_reaches_every_client_and_server_recovers_with_same_pid(rig: Rig) 
     statuses = [e["status"] for e in rig.events("status", server_pid=int(server))]
     assert statuses == ["FAULT", "ACTIVE"]
     assert server_of(rig) == server
-    log = (rig.logs / "server.log").read_text()
+    log = (rig.dir / "mps-daemon.log").read_text()
     for needle in ("Active Threads Percentage set to 50.0",
                    "Device pinned memory limit for device 0 set to 0x280000000 bytes",
                    "Server is handling a fatal GPU error.", "sticky error set",
@@ -285,7 +285,7 @@ def test_quit_with_timeout_stops_server_and_daemon(rig: Rig) -> None:
     assert time.monotonic() - started < 5
     assert engine.wait(10) == 0  # its EngineCore lost the server
     assert not (rig.pipe / "control").exists()
-    assert "quit command issued with timeout of 1" in (rig.logs / "control.log").read_text()
+    assert "quit command issued with timeout of 1" in (rig.dir / "mps-daemon.log").read_text()
 
 
 def test_killed_daemon_takes_its_server_along(rig: Rig) -> None:
