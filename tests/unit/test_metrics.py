@@ -9,8 +9,7 @@ answering its three queries) and the engines (a real aiohttp server on a real so
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -33,6 +32,7 @@ from mpsd.plan import HostFacts, Plan, build_plan
 from mpsd.pool import Backend, BackendPool
 from mpsd.states import GroupState
 from mpsd.supervisor import Supervisor
+from tests.http_server import serve
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 UUID1 = "GPU-99999999-1111-2222-3333-444444444444"
@@ -133,24 +133,6 @@ def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float |
              if all(s.labels.get(k) == v for k, v in labels.items())]
     assert len(found) <= 1, found
     return found[0].value if found else None
-
-
-@asynccontextmanager
-async def serve(routes: Mapping[str, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-                ) -> AsyncIterator[str]:
-    """An aiohttp app on a free port of 127.0.0.1; yields its base URL."""
-    app = web.Application()
-    for path, handler in routes.items():
-        app.router.add_get(path, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def text_handler(text: str, status: int = 200) -> Callable[[web.Request],

@@ -33,6 +33,7 @@ from mpsd.plan import HostFacts, build_plan
 from mpsd.pool import BackendPool
 from mpsd.status_page import status_page_handler
 from mpsd.supervisor import Supervisor
+from tests.http_server import serve
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
                  if p), None)
@@ -90,18 +91,8 @@ async def serve_page(status: Callable[[], dict[str, Any] | None],
             return web.json_response({"error": "unavailable"}, status=503)
         return web.json_response(body)
 
-    app = web.Application()
-    app.router.add_get("/mpsd/", status_page_handler)
-    app.router.add_get("/mpsd/status", status_json)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}/mpsd/", hits
-    finally:
-        await runner.cleanup()
+    async with serve({"/mpsd/": status_page_handler, "/mpsd/status": status_json}) as url:
+        yield f"{url}/mpsd/", hits
 
 
 async def chromium(url: str, profile: Path, *args: str) -> str:
