@@ -166,21 +166,22 @@ def _gpu_action(socket_path: Path, action: str, gpu: str) -> tuple[int, dict[str
 def restart(socket_path: Path, gpu: str) -> int:
     """``mpsd restart GPU``: a running GPU is stopped safely and started, a FAILED one forgets
     its crash history, a drained one starts again. Returns once the start has begun."""
-    answer = _gpu_action(socket_path, "restart", gpu)
-    if answer is None:
-        return ExitCode.FAILURE
-    key = answer[1].get("gpu", gpu)
-    print(f"{key}: restarting; `mpsd status` shows when it is running again")
-    return ExitCode.OK
+    return _gpu_command(socket_path, "restart", gpu,
+                        "{key}: restarting; `mpsd status` shows when it is running again")
 
 
 def drain(socket_path: Path, gpu: str) -> int:
     """``mpsd drain GPU``: returns once the GPU's engines and MPS daemon have stopped."""
-    answer = _gpu_action(socket_path, "drain", gpu)
+    return _gpu_command(socket_path, "drain", gpu,
+                        "{key}: drained and stopped; `mpsd restart {key}` starts it again")
+
+
+def _gpu_command(socket_path: Path, action: str, gpu: str, done: str) -> int:
+    """Run ``action`` on ``gpu``; print ``done`` (with the group's key) and return the code."""
+    answer = _gpu_action(socket_path, action, gpu)
     if answer is None:
         return ExitCode.FAILURE
-    key = answer[1].get("gpu", gpu)
-    print(f"{key}: drained and stopped; `mpsd restart {key}` starts it again")
+    print(done.format(key=answer[1].get("gpu", gpu)))
     return ExitCode.OK
 
 
