@@ -51,10 +51,6 @@ class MpsDaemon:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.running_pid
 
-    @property
-    def env(self) -> dict[str, str]:
-        """What a client of this daemon needs in its environment (plus its own settings)."""
-        return dict(self._env)
 
     async def start(self, ready_timeout_s: float = 30.0) -> None:
         """Start the daemon, wait until it answers, apply and read back its settings."""

@@ -14,7 +14,6 @@ import ctypes
 import errno
 import os
 import signal
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,6 @@ class ChildProcess:
         self._on_line = on_line
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
-        self.started_at = 0.0
 
     @property
     def pid(self) -> int:
@@ -99,7 +97,6 @@ class ChildProcess:
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise SpawnError(f"cannot run {self.argv[0]!r}: {exc.strerror}") from exc
-        self.started_at = time.monotonic()
         self._remember()
         self._drain = asyncio.ensure_future(self._drain_output())
         _log.info("process_started", name=self.name, pid=self.pid, argv=" ".join(self.argv),
