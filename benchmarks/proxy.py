@@ -319,7 +319,7 @@ async def _serve_mpsd(port: int, upstreams: list[str]) -> None:
                         cache_logger_on_first_use=True)
     from mpsd.config import ProxyConfig  # noqa: PLC0415 (only the process that serves)
     from mpsd.pool import Backend, BackendPool  # noqa: PLC0415 (only the process that serves)
-    from mpsd.proxy import ProxyServer  # noqa: PLC0415 (only the process that serves)
+    from mpsd.proxy.server import ProxyServer  # noqa: PLC0415 (only the process that serves)
 
     pool = BackendPool()
     for i, url in enumerate(upstreams):

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 
 import anyio
 
-from mpsd import __version__, control_client, host, logs
+from mpsd import __version__, logs
 from mpsd.config import config_path
+from mpsd.control import client as control_client
 from mpsd.errors import ConfigError, ExitCode, MpsdError
-from mpsd.plan_view import plan_dict, plan_text
+from mpsd.host import facts
+from mpsd.plan.view import plan_dict, plan_text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("auto")
     try:
         if args.command == "check-config":
-            resolved = anyio.run(host.resolve, file)
+            resolved = anyio.run(facts.resolve, file)
             if args.json:
                 print(json.dumps(plan_dict(resolved.plan), indent=2))
             else:

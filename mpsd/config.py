@@ -3,7 +3,7 @@
 `load_config` is the only way in: it parses, merges ``[defaults]`` into every engine, validates
 with ``extra="forbid"`` and turns the first problem into a :class:`ConfigError` that names the
 file, the TOML key and the fix. Host-dependent values (GPU UUIDs, physical memory, cores) are
-resolved later by :mod:`mpsd.plan`; this module checks only what the file alone can tell.
+resolved later by :mod:`mpsd.plan.build`; this module checks only what the file alone can tell.
 """
 
 from __future__ import annotations

@@ -20,21 +20,21 @@ import anyio
 
 from mpsd import __version__, logs
 from mpsd.config import Config
-from mpsd.control import ControlServer
-from mpsd.control_client import socket_path
+from mpsd.control.client import socket_path
+from mpsd.control.server import ControlServer
 from mpsd.errors import ConfigError, ExitCode
-from mpsd.gpus import XidWatcher
-from mpsd.group import Fault, GpuGroup, GroupOptions
-from mpsd.host import resolve
-from mpsd.metrics import Metrics, metrics_handler
-from mpsd.plan import Plan
+from mpsd.host.facts import resolve
+from mpsd.host.nvml import XidWatcher
+from mpsd.observe.metrics import Metrics, metrics_handler
+from mpsd.observe.status_page import status_page_handler
+from mpsd.observe.systemd import Notifier
+from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
-from mpsd.process import reap_leftovers
-from mpsd.proxy import ProxyServer
-from mpsd.states import GroupState
-from mpsd.status_page import status_page_handler
-from mpsd.supervisor import Supervisor
-from mpsd.systemd import Notifier
+from mpsd.proxy.server import ProxyServer
+from mpsd.supervise.group import Fault, GpuGroup, GroupOptions
+from mpsd.supervise.process import reap_leftovers
+from mpsd.supervise.states import GroupState
+from mpsd.supervise.supervisor import Supervisor
 
 _log = logs.get("mpsd.daemon")
 _EXTEND_EVERY_S = 20.0

@@ -78,7 +78,7 @@ def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
-    """A logger bound to a component name (``mpsd.group``)."""
+    """A logger bound to a component name (``mpsd.supervise.group``)."""
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger
 

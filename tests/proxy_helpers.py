@@ -27,7 +27,7 @@ from typing import Any
 
 from mpsd.config import ProxyConfig
 from mpsd.pool import Backend, BackendPool
-from mpsd.proxy import ProxyServer
+from mpsd.proxy.server import ProxyServer
 from tests.harness import FAKE_VLLM, free_ports, read_jsonl
 
 _CL = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")

@@ -1,4 +1,4 @@
-"""A stand-in for ``mpsd run`` that speaks sd_notify through :class:`mpsd.systemd.Notifier`.
+"""A stand-in for ``mpsd run`` that speaks sd_notify through :class:`mpsd.observe.systemd.Notifier`.
 
 ``packaging/systemd-smoke`` runs it as the unit's ExecStart= under a real systemd, to check the
 unit file and the Notifier against systemd itself, independently of the rest of the daemon:
@@ -15,7 +15,7 @@ import sys
 
 import anyio
 
-from mpsd.systemd import Notifier
+from mpsd.observe.systemd import Notifier
 
 
 async def main() -> int:

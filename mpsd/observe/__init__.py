@@ -1,0 +1,1 @@
+"""What mpsd tells the outside: Prometheus metrics, engine scrapes, sd_notify, the status page."""

@@ -1,0 +1,321 @@
+"""The slow half of mpsd's metrics: what is read every few seconds, off the request path.
+
+Three sources are sampled on an interval and kept as one immutable :class:`Snapshot` that a
+Prometheus collector re-exports at scrape time:
+
+* each MPS group's control daemon (server status, client count) — a subprocess per command;
+* NVML (memory, utilisation) — a blocking C library, so it runs on a worker thread;
+* each ready engine's own ``/metrics`` — the ``vllm:*`` families, re-labelled with the ``gpu``
+  and ``engine`` they came from, so one Prometheus target shows every engine on the host.
+  They are merged and rendered to exposition text once per round on a worker thread, so a
+  Prometheus scrape only appends those bytes instead of formatting thousands of samples on
+  the event loop that also streams every proxied response.
+
+Nothing here runs per request, and a failure of any source only leaves its series out of the
+next scrape: metrics must never take the daemon down (the poll loop shares its task group).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+import anyio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from mpsd import logs
+from mpsd.errors import MpsCommandError
+from mpsd.host.nvml import GpuSample
+from mpsd.pool import BackendPool
+
+_log = logs.get("mpsd.metrics")
+
+VLLM_PREFIX = "vllm:"
+# Labels mpsd adds to every re-exported engine sample; an engine's own label of the same name
+# (vLLM labels everything ``engine="0"``, its engine-core index) is kept under ``vllm_<name>``.
+ADDED_LABELS = ("gpu", "engine")
+MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
+
+# ``mpsd_mps_server_status`` values: a gauge can carry only a number, so the server states of
+# ``get_server_status`` map to small integers (0 = no server / daemon down / unknown).
+MPS_STATUS_CODES: Mapping[str, int] = {"INITIALIZING": 1, "ACTIVE": 2, "FAULT": 3}
+# With several servers on one daemon (rare), the worst state wins: FAULT, then INITIALIZING.
+_MPS_SEVERITY = ("FAULT", "INITIALIZING", "ACTIVE")
+
+
+class MpsLike(Protocol):
+    """The part of :class:`mpsd.supervise.mps.MpsDaemon` the poller reads."""
+
+    @property
+    def pid(self) -> int | None: ...
+    async def server_pids(self) -> list[int]: ...
+    async def server_status(self, server: int) -> str: ...
+    async def clients(self) -> set[int]: ...
+
+
+class GroupPlanLike(Protocol):
+    @property
+    def key(self) -> str: ...
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def mps(self) -> bool: ...
+
+
+class GroupLike(Protocol):
+    """The part of :class:`mpsd.supervise.group.GpuGroup` the poller reads."""
+
+    @property
+    def plan(self) -> GroupPlanLike: ...
+    @property
+    def mps(self) -> MpsLike | None: ...
+
+
+@dataclass(frozen=True)
+class MpsReading:
+    """One group's MPS daemon as the last round saw it."""
+
+    daemon_up: bool
+    status: int  # one of MPS_STATUS_CODES' values, or 0
+    clients: int | None  # None when the daemon did not answer
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one poll round produced; replaced whole, never mutated (render may run on a
+    worker thread while the next round is being built)."""
+
+    mps: Mapping[str, MpsReading] = field(default_factory=dict)
+    gpus: Mapping[str, GpuSample] = field(default_factory=dict)
+    scrape_up: Mapping[tuple[str, str], bool] = field(default_factory=dict)
+    engine_families: tuple[Metric, ...] = ()
+    engine_text: bytes = b""  # engine_families in the text format, rendered off the loop
+    took_s: float = 0.0
+
+
+def mps_status_code(statuses: Iterable[str]) -> int:
+    """Collapse the status of every server of one daemon into one gauge value."""
+    seen = {s.strip().upper() for s in statuses}
+    for name in _MPS_SEVERITY:
+        if name in seen:
+            return MPS_STATUS_CODES[name]
+    return 0
+
+
+def _vllm_lines(text: str) -> str:
+    """Only the ``vllm:*`` families (and their HELP/TYPE lines): a third of the parse work."""
+    keep = [line for line in text.splitlines()
+            if line.startswith(VLLM_PREFIX)
+            or line.startswith(("# HELP vllm:", "# TYPE vllm:"))]
+    return "\n".join(keep) + "\n"
+
+
+def parse_engine_metrics(text: str, gpu: str, engine: str) -> list[Metric]:
+    """An engine's exposition text → its ``vllm:*`` families with ``gpu``/``engine`` added.
+
+    Names are kept exactly as the engine exposes them (vLLM renames metrics between releases,
+    e.g. ``gpu_cache_usage_perc`` → ``kv_cache_usage_perc``; whichever it has is passed on).
+    CPU-heavy for a big exposition, so callers run it on a worker thread.
+    """
+    out: list[Metric] = []
+    for family in text_string_to_metric_families(_vllm_lines(text)):
+        if not family.name.startswith(VLLM_PREFIX):
+            continue
+        relabelled = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            labels = {(f"vllm_{k}" if k in ADDED_LABELS else k): v
+                      for k, v in sample.labels.items()}
+            labels["gpu"] = gpu
+            labels["engine"] = engine
+            relabelled.samples.append(sample._replace(labels=labels))
+        out.append(relabelled)
+    return out
+
+
+def merge_families(per_engine: Iterable[list[Metric]]) -> tuple[Metric, ...]:
+    """One family per name across engines (a name may appear once in an exposition).
+
+    An engine whose family has another type than the first engine's (mixed vLLM versions) is
+    left out of that family rather than producing an exposition Prometheus would reject.
+    """
+    merged: dict[str, Metric] = {}
+    for families in per_engine:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation,
+                                                    family.type, family.unit)
+            elif into.type != family.type:
+                continue
+            into.samples.extend(family.samples)
+    return tuple(merged.values())
+
+
+class _Families:
+    """A collector that yields fixed families: the engines' merged snapshot."""
+
+    def __init__(self, families: tuple[Metric, ...]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def merge_and_render(per_engine: list[list[Metric]]) -> tuple[tuple[Metric, ...], bytes]:
+    """Merged families and their exposition text (CPU-bound: run on a worker thread)."""
+    families = merge_families(per_engine)
+    registry = CollectorRegistry()
+    registry.register(_Families(families))
+    return families, generate_latest(registry)
+
+
+async def fetch_metrics(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
+    """GET an engine's ``/metrics``; bounded in time and size (a sick engine must not stall
+    or bloat the poller). Raises ``aiohttp.ClientError``/``TimeoutError``/``ValueError``."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.get(url, timeout=timeout) as response:
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > MAX_ENGINE_METRICS_BYTES:
+                raise ValueError(f"more than {MAX_ENGINE_METRICS_BYTES} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+class Poller:
+    """Builds a :class:`Snapshot` per round and re-exports the latest one as a collector."""
+
+    def __init__(self, pool: BackendPool, sampler: Callable[[str], GpuSample | None],
+                 scrape_timeout_s: float) -> None:
+        self._pool = pool
+        self._sampler = sampler
+        self._scrape_timeout_s = scrape_timeout_s
+        self.snapshot = Snapshot()
+        self.rounds = 0
+
+    async def collect_once(self, groups: Iterable[GroupLike],
+                           session: aiohttp.ClientSession) -> Snapshot:
+        """One round over every source, concurrently; the new snapshot (also kept)."""
+        started = time.monotonic()
+        groups = list(groups)
+        mps: dict[str, MpsReading] = {}
+        gpus: dict[str, GpuSample] = {}
+        scraped: dict[tuple[str, str], list[Metric] | None] = {}
+
+        async def read_mps(group: GroupLike) -> None:
+            reading = await self._read_mps(group)
+            if reading is not None:
+                mps[group.plan.key] = reading
+
+        async def read_gpus() -> None:
+            gpus.update(await anyio.to_thread.run_sync(self._sample_all, groups))
+
+        async def scrape(gpu: str, engine: str, url: str) -> None:
+            scraped[(gpu, engine)] = await self._scrape(session, gpu, engine, url)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_gpus)
+            for group in groups:
+                tg.start_soon(read_mps, group)
+            for backend in self._pool.backends():
+                if backend.routable:
+                    tg.start_soon(scrape, backend.gpu, backend.key,
+                                  backend.base_url.rstrip("/") + "/metrics")
+        ok = [families for families in scraped.values() if families is not None]
+        families, text = await anyio.to_thread.run_sync(merge_and_render, ok)
+        self.snapshot = Snapshot(
+            mps=mps, gpus=gpus, scrape_up={k: v is not None for k, v in scraped.items()},
+            engine_families=families, engine_text=text, took_s=time.monotonic() - started)
+        self.rounds += 1
+        return self.snapshot
+
+    def _sample_all(self, groups: list[GroupLike]) -> dict[str, GpuSample]:
+        """On a worker thread: NVML can block for seconds on a sick GPU."""
+        out: dict[str, GpuSample] = {}
+        for group in groups:
+            try:
+                reading = self._sampler(group.plan.uuid)
+            except Exception:  # a broken sample must not cost the other sources their round
+                _log.exception("metrics_gpu_sample_failed", gpu=group.plan.key)
+                continue
+            if reading is not None:  # no NVML (CPU host, CI) or no such GPU: leave it out
+                out[group.plan.key] = reading
+        return out
+
+    async def _read_mps(self, group: GroupLike) -> MpsReading | None:
+        if not group.plan.mps:
+            return None
+        daemon = group.mps
+        if daemon is None or daemon.pid is None:
+            return MpsReading(daemon_up=False, status=0, clients=None)
+        try:
+            servers = await daemon.server_pids()
+            statuses = [await daemon.server_status(server) for server in servers]
+            clients = len(await daemon.clients()) if servers else 0
+        except MpsCommandError as exc:
+            _log.debug("metrics_mps_read_failed", gpu=group.plan.key, error=str(exc))
+            return MpsReading(daemon_up=daemon.pid is not None, status=0, clients=None)
+        return MpsReading(daemon_up=True, status=mps_status_code(statuses), clients=clients)
+
+    async def _scrape(self, session: aiohttp.ClientSession, gpu: str, engine: str,
+                      url: str) -> list[Metric] | None:
+        try:
+            text = await fetch_metrics(session, url, self._scrape_timeout_s)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            _log.debug("metrics_engine_scrape_failed", gpu=gpu, engine=engine,
+                       error=str(exc) or type(exc).__name__)
+            return None
+        try:
+            return await anyio.to_thread.run_sync(parse_engine_metrics, text, gpu, engine)
+        except Exception as exc:  # the parser raises more than ValueError on odd input
+            _log.warning("metrics_engine_parse_failed", gpu=gpu, engine=engine, error=repr(exc))
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus collector protocol: the latest MPS/NVML/scrape readings (the engines'
+        own families are appended as pre-rendered text, see ``Snapshot.engine_text``)."""
+        snap = self.snapshot
+        daemon_up = GaugeMetricFamily(
+            "mpsd_mps_daemon_up", "1 while the group's MPS control daemon process runs.",
+            labels=["gpu"])
+        status = GaugeMetricFamily(
+            "mpsd_mps_server_status",
+            "MPS server status: 0 none/unknown, 1 INITIALIZING, 2 ACTIVE, 3 FAULT "
+            "(the worst of the daemon's servers).", labels=["gpu"])
+        clients = GaugeMetricFamily(
+            "mpsd_mps_clients", "Client processes attached to the group's MPS server.",
+            labels=["gpu"])
+        for gpu, reading in snap.mps.items():
+            daemon_up.add_metric([gpu], float(reading.daemon_up))
+            status.add_metric([gpu], float(reading.status))
+            if reading.clients is not None:
+                clients.add_metric([gpu], float(reading.clients))
+        used = GaugeMetricFamily("mpsd_gpu_memory_used_bytes", "GPU memory in use (NVML).",
+                                 labels=["gpu"])
+        total = GaugeMetricFamily("mpsd_gpu_memory_total_bytes", "GPU memory in total (NVML).",
+                                  labels=["gpu"])
+        util = GaugeMetricFamily(
+            "mpsd_gpu_utilization_ratio",
+            "Fraction of NVML's last sample period in which a kernel ran (0-1).", labels=["gpu"])
+        for gpu, sample in snap.gpus.items():
+            used.add_metric([gpu], float(sample.memory_used))
+            total.add_metric([gpu], float(sample.memory_total))
+            util.add_metric([gpu], sample.utilization)
+        up = GaugeMetricFamily(
+            "mpsd_engine_scrape_up",
+            "1 when the last poll read the ready engine's own /metrics.", labels=["gpu", "engine"])
+        for (gpu, engine), ok in snap.scrape_up.items():
+            up.add_metric([gpu, engine], float(ok))
+        took = GaugeMetricFamily("mpsd_poll_duration_seconds",
+                                 "How long the last metrics poll round took.")
+        took.add_metric([], snap.took_s)
+        yield from (daemon_up, status, clients, used, total, util, up, took)

@@ -1,0 +1,194 @@
+"""Resolve a validated config against this host into the exact plan of what will run.
+
+Pure functions over :class:`HostFacts` (GPU inventory, MPS binary, usable cores): every
+engine's argv, environment, port, memory share and cores. ``mpsd check-config`` prints this
+plan, and the supervisor runs it, so what an operator reads is what starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from mpsd.config import Config, EngineConfig, GpuConfig, gpu_key, parse_size
+from mpsd.errors import ConfigError
+from mpsd.plan.cpus import assign_cpus, cpu_list
+from mpsd.plan.engine import engine_argv, engine_env, memory_share
+
+if TYPE_CHECKING:
+    from mpsd.host.nvml import GpuInfo, GpuInventory
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the plan depends on besides the file: read once at start (and on reload)."""
+
+    inventory: GpuInventory | None
+    mps_binary: str | None
+    cpus: tuple[int, ...]
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """One engine process exactly as it will be started."""
+
+    key: str
+    gpu: str
+    name: str
+    replica: int
+    kind: Literal["vllm", "command"]
+    model: str
+    port: int
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    memory_share: float | None
+    pinned_limit_bytes: int | None
+    active_thread_percentage: int
+    cpus: tuple[int, ...] | None
+    health_path: str
+    canary: Literal["completion", "models", "none"]
+    startup_timeout_s: float
+    stop_timeout_s: float
+    health_interval_s: float
+    health_failures: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One GPU: its MPS daemon (if on) and its engines, started in this order."""
+
+    key: str
+    device: str
+    uuid: str
+    mps: bool
+    pipe_dir: Path
+    log_dir: Path
+    engines: tuple[EnginePlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[GroupPlan, ...]
+    mps_enabled: bool
+    mps_reason: str
+    proxy_cpus: tuple[int, ...] | None
+    warnings: tuple[str, ...]
+
+
+def build_plan(config: Config, facts: HostFacts, file: str) -> Plan:
+    """The whole plan; :class:`ConfigError` when the file cannot work on this host."""
+    warnings: list[str] = []
+    mps_on, reason = _mps_decision(config, facts, file)
+    infos = [_resolve_gpu(g, i, facts, file, warnings) for i, g in enumerate(config.gpu)]
+    cores, proxy_cpus = assign_cpus(config, facts, infos, warnings)
+    groups: list[GroupPlan] = []
+    port = config.daemon.engine_port_base
+    used_ports = {config.proxy.port}
+    for index, (gpu, info) in enumerate(zip(config.gpu, infos, strict=True)):
+        key = gpu_key(gpu, index)
+        group_dir = config.daemon.state_dir / key
+        pipe_dir, log_dir = group_dir / "pipe", config.daemon.log_dir / key
+        _check_gpu_capacity(gpu, index, info, config, file)
+        uuid = info.uuid if info else gpu.device
+        engines: list[EnginePlan] = []
+        for e_index, engine in enumerate(gpu.engine):
+            for replica in range(engine.replicas):
+                if engine.port:
+                    this_port = engine.port + replica
+                else:
+                    while port in used_ports:
+                        port += 1
+                    this_port = port
+                where = f"gpu[{index}].engine[{e_index}].port"
+                if this_port in used_ports:
+                    raise ConfigError(file, where, f"port {this_port} is used twice",
+                                      "give every engine its own port range")
+                used_ports.add(this_port)
+                engines.append(_engine_plan(
+                    key, engine, replica, this_port, uuid, info,
+                    pipe_dir if mps_on else None, log_dir,
+                    cores.get((index, e_index, replica)), facts.environ, warnings,
+                ))
+        groups.append(GroupPlan(key, gpu.device, uuid, mps_on, pipe_dir, log_dir, tuple(engines)))
+    return Plan(tuple(groups), mps_on, reason, proxy_cpus, tuple(warnings))
+
+
+def _mps_decision(config: Config, facts: HostFacts, file: str) -> tuple[bool, str]:
+    mode = config.mps.enabled
+    if mode == "off":
+        return False, "mps.enabled = \"off\""
+    if facts.mps_binary is None:
+        if mode == "on":
+            raise ConfigError(file, "mps.control_binary",
+                              f"{config.mps.control_binary!r} was not found",
+                              "install the NVIDIA driver's MPS tools, give the binary's path, or "
+                              "set mps.enabled = \"auto\"")
+        return False, f"no MPS control binary ({config.mps.control_binary}) on this host"
+    if mode == "auto" and not (facts.inventory and facts.inventory.gpus):
+        return False, "no GPU visible through NVML"
+    return True, f"MPS on ({facts.mps_binary})"
+
+
+def _resolve_gpu(gpu: GpuConfig, index: int, facts: HostFacts, file: str,
+                 warnings: list[str]) -> GpuInfo | None:
+    if facts.inventory is None:
+        warnings.append(f"gpu[{index}]: no NVML, device {gpu.device!r} taken as given")
+        return None
+    info = facts.inventory.resolve(gpu.device)
+    if info is None:
+        known = ", ".join(f"{g.index} ({g.uuid})" for g in facts.inventory.gpus) or "none"
+        raise ConfigError(file, f"gpu[{index}].device", f"no GPU {gpu.device!r} on this host",
+                          f"use an index or UUID of a present GPU: {known}")
+    return info
+
+
+def _check_gpu_capacity(gpu: GpuConfig, index: int, info: GpuInfo | None, config: Config,
+                        file: str) -> None:
+    contexts = sum(e.replicas * e.contexts_per_replica for e in gpu.engine)
+    if contexts > config.mps.max_clients_per_gpu:
+        raise ConfigError(file, f"gpu[{index}].engine",
+                          f"{contexts} MPS client contexts exceed the driver's limit of "
+                          f"{config.mps.max_clients_per_gpu}", "run fewer replicas on this GPU")
+    if info is None:
+        return
+    pinned = sum(parse_size(e.pinned_memory_limit) * e.replicas
+                 for e in gpu.engine if e.pinned_memory_limit)
+    if pinned > info.memory_total:
+        raise ConfigError(file, f"gpu[{index}].engine",
+                          f"pinned_memory_limit x replicas = {pinned / 2**30:.1f} GiB is more than "
+                          f"the GPU's {info.memory_total / 2**30:.1f} GiB",
+                          "lower the limits or the replicas")
+
+
+def _engine_plan(gpu: str, engine: EngineConfig, replica: int, port: int, uuid: str,
+                 info: GpuInfo | None, pipe_dir: Path | None, log_dir: Path,
+                 cpus: tuple[int, ...] | None, environ: Mapping[str, str],
+                 warnings: list[str]) -> EnginePlan:
+    share = memory_share(engine, info.memory_total if info else None)
+    pinned = parse_size(engine.pinned_memory_limit) if engine.pinned_memory_limit else None
+    if pinned is not None and pipe_dir is None:
+        warnings.append(f"{gpu}/{engine.display_name}: pinned_memory_limit needs MPS; not applied")
+        pinned = None
+    name = engine.display_name
+    substitute = {"port": str(port), "model": engine.model, "name": name,
+                  "replica": str(replica), "gpu": gpu, "cpus": cpu_list(cpus or ())}
+    return EnginePlan(
+        key=f"{gpu}/{name}-{replica}", gpu=gpu, name=name, replica=replica, kind=engine.kind,
+        model=engine.served_name, port=port,
+        argv=engine_argv(engine, port, share, substitute),
+        env=engine_env(environ, uuid, pipe_dir, log_dir, engine, pinned, substitute),
+        memory_share=share, pinned_limit_bytes=pinned,
+        active_thread_percentage=engine.active_thread_percentage, cpus=cpus,
+        health_path=engine.health_path, canary=engine.canary,
+        startup_timeout_s=engine.startup_timeout_s, stop_timeout_s=engine.stop_timeout_s,
+        health_interval_s=engine.health_interval_s, health_failures=engine.health_failures,
+    )
+
+

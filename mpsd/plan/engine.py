@@ -1,0 +1,94 @@
+"""One engine's command line, environment and memory share, derived from its config.
+
+Pure functions: the plan builder calls them per replica, and the MPS daemon reuses the
+environment allow-list for its own child.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from mpsd.config import EngineConfig, parse_size
+
+# Environment an engine inherits from mpsd; everything else is dropped (DESIGN §4).
+_INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM")
+
+
+_INHERITED_PREFIXES = ("LC_",)
+
+
+
+def memory_share(engine: EngineConfig, physical_bytes: int | None) -> float | None:
+    """``--gpu-memory-utilization`` for one replica.
+
+    Under a pinned limit CUDA reports ``free <= limit`` but ``total = physical``, and vLLM
+    refuses to start unless ``free >= total * u``: so ``u = (limit - headroom) / physical``.
+    """
+    if not engine.pinned_memory_limit:
+        return engine.gpu_memory_utilization
+    if physical_bytes is None:
+        return None
+    usable = parse_size(engine.pinned_memory_limit) - parse_size(engine.memory_headroom)
+    return max(0.01, math.floor(usable / physical_bytes * 1000) / 1000)
+
+
+
+def engine_env(environ: Mapping[str, str], uuid: str, pipe_dir: Path | None, log_dir: Path,
+               engine: EngineConfig, pinned_limit: int | None,
+               substitute: Mapping[str, str]) -> dict[str, str]:
+    """The engine's whole environment: an allow-list of mpsd's, the MPS variables, the config's.
+
+    ``NOTIFY_SOCKET``, ``WATCHDOG_*`` and ``LISTEN_*`` never pass: an engine must not talk to
+    systemd as if it were mpsd.
+    """
+    env = inherited_env(environ)
+    env["CUDA_VISIBLE_DEVICES"] = uuid
+    if pipe_dir is not None:
+        env["CUDA_MPS_PIPE_DIRECTORY"] = str(pipe_dir)
+        env["CUDA_MPS_LOG_DIRECTORY"] = str(log_dir)
+        if engine.active_thread_percentage < 100:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(engine.active_thread_percentage)
+        if pinned_limit is not None:
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"{uuid}={pinned_limit // 2**20}M"
+    env.update({k: fill(v, substitute) for k, v in engine.env.items()})
+    return env
+
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of mpsd's own environment a child may see (locale, PATH, HOME; never
+    ``NOTIFY_SOCKET``, ``WATCHDOG_*``, ``LISTEN_*``)."""
+    return {k: v for k, v in environ.items()
+            if k in _INHERITED_ENV or k.startswith(_INHERITED_PREFIXES)}
+
+
+
+def engine_argv(engine: EngineConfig, port: int, share: float | None,
+                substitute: Mapping[str, str]) -> tuple[str, ...]:
+    """vLLM's ``serve`` command line, or the configured command, with placeholders filled."""
+    args = [fill(a, substitute) for a in engine.args]
+    if engine.kind == "command":
+        return tuple(fill(a, substitute) for a in engine.command) + tuple(args)
+    argv = [engine.executable, "serve", engine.model, "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", engine.served_name]
+    if share is not None:
+        argv += ["--gpu-memory-utilization", f"{share:g}"]
+    argv += ["--shutdown-timeout", str(vllm_shutdown_timeout(engine.stop_timeout_s))]
+    return (*argv, *args)
+
+
+
+def vllm_shutdown_timeout(stop_timeout_s: float) -> int:
+    """vLLM's own drain on SIGTERM: half of mpsd's stop budget, so its exit (drain + ~1 s)
+    comes before mpsd's SIGKILL deadline. Never 0: vLLM's default 0 can hang under load."""
+    return max(1, int(stop_timeout_s // 2))
+
+
+
+def fill(text: str, substitute: Mapping[str, str]) -> str:
+    """Replace ``{port}``-style placeholders; other braces (JSON in args) stay as they are."""
+    for name, value in substitute.items():
+        text = text.replace("{" + name + "}", value)
+    return text

@@ -1,0 +1,403 @@
+"""The response relay: one request's bytes to the engine, its response to the client.
+
+Once a request is parsed and routed, what remains per response is relaying bytes, and that is
+done from the engine connection's protocol callback straight into the client's transport: no
+task wake-up, no copy, no parsing of SSE events. The head is parsed once (and forwarded verbatim
+when it carries no hop-by-hop header); chunked bodies pass through as they are, and only the
+chunk-size lines are read, to find where the response ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from mpsd.pool import Lease
+from mpsd.proxy.errors import sse_error_event
+from mpsd.proxy.front import FrontConnection, Request
+from mpsd.proxy.upstream import UpstreamConnection
+
+MAX_HEAD_BYTES = 64 * 1024
+
+_NONE, _LENGTH, _CHUNKED, _DECHUNK, _EOF = range(5)
+_HOP_RESPONSE = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"content-length", b"proxy-authenticate",
+})
+
+
+class Exchange:
+    """One request sent to an engine and its response relayed to the client, start to end.
+
+    Until its single end (:meth:`_end`) it owns the backend's lease and the upstream connection.
+    Every way a request can end — response complete, engine failure before or after the head,
+    first-byte timeout, client gone — goes through ``_end``, which releases the lease (once),
+    gives back or drops the upstream connection and calls ``on_end(self)``; the proxy then
+    records the request and answers what is left to answer (``error``: nothing reached the
+    client yet). After the head, a failure is handled here: an SSE stream gets an error event and
+    a clean end, anything else has its client connection closed, and ``broken`` is set.
+    """
+
+    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_out", "_paused", "backend_model",
+                 "broken", "client", "client_gone", "deadline", "ended", "engine", "error",
+                 "head_at", "head_only", "http11", "keep_alive", "lease", "model", "on_end",
+                 "pool", "request", "reusable", "sse", "started", "status", "upstream")
+
+    def __init__(self, client: FrontConnection, upstream: UpstreamConnection, lease: Lease,
+                 request: Request, model: str | None, started: float,
+                 on_end: Callable[[Exchange], None]) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.pool = upstream.pool
+        self.lease = lease
+        self.engine = lease.backend.key if lease.backend is not None else "-"
+        self.backend_model = lease.backend.model if lease.backend is not None else None
+        self.request = request
+        self.model = model
+        self.started = started
+        self.on_end = on_end
+        self.keep_alive = request.keep_alive
+        self.http11 = request.http11
+        self.head_only = request.method == b"HEAD"
+        self.status = 0
+        self.head_at = 0.0
+        self.deadline = 0.0
+        self.broken = False
+        self.sse = False
+        self.reusable = True
+        self.ended = False
+        self.client_gone = False
+        self.error: tuple[int, str] | None = None
+        self._buf = b""
+        self._framing = -1
+        self._left = 0
+        self._in_trailer = False
+        self._paused = False
+        # the client transport's own write, not a wrapper: this runs once per relayed read.
+        # Safe because a client connection that closes or aborts ends its exchange first.
+        assert client.transport is not None
+        self._out = client.transport.write
+
+    def start(self, data: bytes, now: float, first_byte_timeout_s: float) -> None:
+        upstream = self.upstream
+        assert upstream.transport is not None
+        upstream.exchange = self
+        self.client.exchange = self
+        self.deadline = now + first_byte_timeout_s
+        self.pool.awaiting.add(self)
+        upstream.transport.write(data)
+
+    # -- engine -> client -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        framing = self._framing
+        if framing == _CHUNKED:  # the hot path: an SSE event or a slice of a chunked body
+            end = self._scan(data)
+            if end < 0:
+                self._out(data)
+                return
+            self._out(data if end == len(data) else data[:end])
+            self._end(end == len(data) and self.reusable)
+            return
+        if framing < 0:
+            self._feed_head(data)
+            return
+        self._relay(data)
+
+    def _feed_head(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self._buf = buf
+                if len(buf) > MAX_HEAD_BYTES:
+                    self._fail_before_head(502, "the engine sent an oversized response head")
+                return
+            status = _status_of(buf)
+            if 100 <= status < 200 and status != 101:  # interim response: wait for the real one
+                buf = buf[end + 4:]
+                continue
+            break
+        self._buf = b""
+        try:
+            head = self._client_head(buf[:end], status)
+        except ValueError:
+            self._fail_before_head(502, "the engine sent a malformed response head")
+            return
+        self.pool.awaiting.discard(self)
+        self.status = status
+        self.head_at = self.pool.loop.time()
+        rest = buf[end + 4:]
+        framing = self._framing
+        if framing == _NONE:
+            self._out(head)
+            self._end(not rest and self.reusable)
+        elif framing == _LENGTH:  # a whole JSON answer usually comes in one read: one write
+            left = self._left
+            if len(rest) < left:
+                self._left = left - len(rest)
+                self._out(head + rest if rest else head)
+            else:
+                self._out(head + rest[:left])
+                self._end(len(rest) == left and self.reusable)
+        else:
+            self._out(head)
+            if rest:
+                self.feed(rest)
+
+    def _client_head(self, head: bytes, status: int) -> bytes:
+        """The head for the client; verbatim when the engine's has no hop-by-hop headers."""
+        lower = head.lower()
+        if not lower.startswith(b"http/1."):
+            raise ValueError(head[:20])
+        upstream_close = (not lower.startswith(b"http/1.1")
+                          or b"close" in _header(lower, b"\r\nconnection:"))
+        self.reusable = not upstream_close
+        self.sse = b"text/event-stream" in lower
+        length_value = _header(lower, b"\r\ncontent-length:")
+        length = int(length_value) if length_value else None
+        chunked = b"chunked" in _header(lower, b"\r\ntransfer-encoding:")
+        bodiless = self.head_only or status in (204, 304) or 100 <= status < 200
+        if bodiless:
+            self._framing = _NONE
+        elif chunked:
+            self._framing = _CHUNKED if self.http11 else _DECHUNK
+            self.keep_alive = self.keep_alive and self.http11
+        elif length is not None:
+            self._framing = _LENGTH if length else _NONE
+            self._left = length
+        else:
+            self._framing = _EOF
+            self.reusable = False
+            self.keep_alive = False
+        if (self.keep_alive and self._framing != _DECHUNK and lower.startswith(b"http/1.1 ")
+                and not _HOP_RE.search(lower)):
+            return head + (b"\r\nx-accel-buffering: no\r\n\r\n" if self.sse else b"\r\n\r\n")
+        return self._rebuilt_head(head, length, chunked, bodiless)
+
+    def _rebuilt_head(self, head: bytes, length: int | None, chunked: bool,
+                      bodiless: bool) -> bytes:
+        lines = head.split(b"\r\n")
+        out = [b"HTTP/1.1" + lines[0][8:]]
+        for line in lines[1:]:
+            if line.partition(b":")[0].strip().lower() not in _HOP_RESPONSE:
+                out.append(line)
+        if self.sse:
+            out.append(b"x-accel-buffering: no")
+        if bodiless:
+            if length is not None and self.head_only:
+                out.append(b"content-length: %d" % length)
+        elif self._framing == _CHUNKED:
+            out.append(b"transfer-encoding: chunked")
+        elif self._framing in (_LENGTH, _NONE) and length is not None:
+            out.append(b"content-length: %d" % length)
+        if not self.keep_alive:
+            out.append(b"connection: close")
+        out.append(b"\r\n")
+        return b"\r\n".join(out)
+
+    def _relay(self, data: bytes) -> None:
+        framing = self._framing
+        if framing == _LENGTH:
+            left = self._left
+            if len(data) < left:
+                self._left = left - len(data)
+                self._out(data)
+                return
+            self._out(data if len(data) == left else data[:left])
+            self._end(len(data) == left and self.reusable)
+        elif framing == _EOF:
+            self._out(data)
+        elif framing == _DECHUNK:
+            payload, end = self._dechunk(data)
+            if payload:
+                self._out(payload)
+            if end >= 0:
+                self._end(end == len(data) and self.reusable)
+        elif framing == _CHUNKED:
+            self.feed(data)
+
+    def _scan(self, data: bytes) -> int:
+        """Advance over chunk framing; return the index just past the last chunk, else -1."""
+        buf = data
+        offset = 0
+        if self._buf:  # a chunk-size line split across reads (rare)
+            buf = self._buf + data
+            offset = len(self._buf)
+            self._buf = b""
+        pos = 0
+        n = len(buf)
+        left = self._left
+        while True:
+            if left:
+                if n - pos <= left:
+                    self._left = left - (n - pos)
+                    return -1
+                pos += left
+                left = 0
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                self._left = 0
+                self._buf = buf[pos:]
+                if len(self._buf) > 1024:
+                    self._break("the engine sent malformed chunked framing")
+                return -1
+            if self._in_trailer:
+                if nl == pos:
+                    self._left = 0
+                    return nl + 2 - offset
+                pos = nl + 2
+                continue
+            size = _chunk_size(buf[pos:nl])
+            if size < 0:
+                self._break("the engine sent malformed chunked framing")
+                return -1
+            pos = nl + 2
+            if size == 0:
+                self._in_trailer = True
+            else:
+                left = size + 2
+
+    def _dechunk(self, data: bytes) -> tuple[bytes, int]:
+        """Like :meth:`_scan` but return the chunk payloads (for HTTP/1.0 clients)."""
+        out: list[bytes] = []
+        offset = len(self._buf)
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        pos, n = 0, len(buf)
+        while pos < n:
+            if self._left:
+                take = min(self._left, n - pos)
+                payload = min(take, max(self._left - 2, 0))
+                if payload:
+                    out.append(buf[pos:pos + payload])
+                self._left -= take
+                pos += take
+                continue
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                self._buf = buf[pos:]
+                break
+            if self._in_trailer:
+                if nl == pos:
+                    return b"".join(out), nl + 2 - offset
+                pos = nl + 2
+                continue
+            size = _chunk_size(buf[pos:nl])
+            if size < 0:
+                self._break("the engine sent malformed chunked framing")
+                return b"".join(out), -1
+            pos = nl + 2
+            if size == 0:
+                self._in_trailer = True
+            else:
+                self._left = size + 2
+        return b"".join(out), -1
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _end(self, reuse: bool) -> None:
+        """The one way out: lease released, upstream kept or dropped, the proxy told."""
+        if self.ended:
+            return
+        self.ended = True
+        self.pool.awaiting.discard(self)
+        self.lease.release()
+        upstream = self.upstream
+        if self._paused and upstream.transport is not None:
+            upstream.transport.resume_reading()
+            self._paused = False
+        if reuse and not self.broken:
+            self.pool.release(upstream, True)
+        else:
+            upstream.exchange = None
+            if upstream.transport is not None:
+                upstream.transport.abort()  # the engine sees the disconnect and aborts
+        if self.client.exchange is self:
+            self.client.exchange = None
+        self.on_end(self)
+
+    def _fail_before_head(self, status: int, message: str) -> None:
+        if not self.ended:
+            self.error = (status, message)
+            self._end(False)
+
+    def _break(self, message: str) -> None:
+        """The engine failed after the head went out: end the client's response as well as we
+        can — an SSE stream at a chunk boundary gets an error event and a proper end."""
+        if self.ended:
+            return
+        self.broken = True
+        event = sse_error_event(502, f"the engine failed mid-stream: {message}")
+        at_boundary = self._left == 0 and not self._buf and not self._in_trailer
+        if self.sse and self._framing == _CHUNKED and at_boundary:
+            self._out(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        else:  # no clean way to end this response: the client connection goes (on_end sees
+            # keep_alive False and closes it, so the client notices the body is cut short)
+            if self.sse and self._framing in (_DECHUNK, _EOF):
+                self._out(event)
+            self.keep_alive = False
+        self._end(False)
+
+    def upstream_lost(self) -> None:
+        if self.ended:
+            return
+        if self._framing < 0:
+            self._fail_before_head(502, "the engine closed the connection before answering")
+        elif self._framing == _EOF:
+            self._end(False)
+        else:
+            self._break("the engine closed the connection")
+
+    def first_byte_timeout(self) -> None:
+        if self._framing < 0:
+            self._fail_before_head(504, "no response from the engine within "
+                                        "first_byte_timeout_s")
+
+    # -- client -> engine signals (FrontConnection calls these) -----------------------------
+
+    def client_lost(self) -> None:
+        """The client went away: drop the engine connection so the engine aborts the request."""
+        self.client_gone = True
+        self._end(False)
+
+    def pause(self) -> None:
+        if not self._paused and self.upstream.transport is not None:
+            self._paused = True
+            self.upstream.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.upstream.transport is not None:
+            self._paused = False
+            self.upstream.transport.resume_reading()
+
+
+_HOP_RE = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te:|trailer|upgrade)")
+
+
+def _header(lower: bytes, name: bytes) -> bytes:
+    """The (lower-cased, stripped) value of the first header ``name`` in a lower-cased head."""
+    at = lower.find(name)
+    if at < 0:
+        return b""
+    at += len(name)
+    end = lower.find(b"\r\n", at)
+    return lower[at:end if end >= 0 else len(lower)].strip()
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line; -1 if it is not one."""
+    try:
+        return int(line, 16)
+    except ValueError:  # chunk extensions (";name=value") are legal, if rare
+        try:
+            return int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            return -1
+
+
+def _status_of(buf: bytes) -> int:
+    try:
+        return int(buf[9:12])
+    except ValueError:
+        return 0

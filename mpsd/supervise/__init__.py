@@ -1,0 +1,1 @@
+"""Processes and fault domains: MPS daemons, engines, GPU groups, their states, the supervisor."""
