@@ -1,13 +1,16 @@
 """The ``mpsd`` command (DESIGN §7): run, check-config, status, restart, drain, reload.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 config error (the unit's
-``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop).
+``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop), 130 after Ctrl-C and
+141 when the reader of the output went away (``mpsd status | head``), as a shell reports a
+command ended by SIGINT or SIGPIPE. Neither of the last two prints a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +22,10 @@ from mpsd.control import client as control_client
 from mpsd.errors import ConfigError, ExitCode, MpsdError
 from mpsd.host import facts
 from mpsd.plan.view import plan_dict, plan_text
+
+#: What a shell reports for a command ended by SIGINT (Ctrl-C) and by SIGPIPE (a closed pipe).
+INTERRUPTED = 130
+PIPE_CLOSED = 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,31 +64,63 @@ def _control(args: argparse.Namespace, file: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
+    """Entry point of the console script; returns the process exit code.
+
+    Ctrl-C and a reader that closed the pipe end a command quietly: both are how people stop
+    a command, not failures of mpsd worth a traceback.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # the terminal echoed ^C: end that line
+        return INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return PIPE_CLOSED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     file = config_path(args.config)
     if args.command in ("status", "restart", "drain", "reload"):
         return _control(args, file)
-    logs.setup("auto")
     try:
         if args.command == "check-config":
-            resolved = anyio.run(facts.resolve, file)
-            if args.json:
-                print(json.dumps(plan_dict(resolved.plan), indent=2))
-            else:
-                print(plan_text(resolved.plan))
-            return ExitCode.OK
+            return _check_config(file, args.json)
+        logs.setup("auto")
         from mpsd import daemon  # noqa: PLC0415 - the proxy's imports are for serving only
 
-        return int(anyio.run(daemon.run, file, backend_options={"use_uvloop": True}))
+        try:
+            return int(anyio.run(daemon.run, file, backend_options={"use_uvloop": True}))
+        except KeyboardInterrupt:  # before the daemon's own signal handling took over
+            return ExitCode.OK
     except ConfigError as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     except MpsdError as exc:
         print(f"mpsd: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
-    except KeyboardInterrupt:
-        return ExitCode.OK
+
+
+def _check_config(file: str, as_json: bool) -> int:
+    """Print the plan and nothing else: only warnings reach stderr (the plan itself says why
+    MPS is on or off, so e.g. "no NVML here" needs no log line of its own)."""
+    logs.setup("console", "warning")
+    resolved = anyio.run(facts.resolve, file)
+    print(json.dumps(plan_dict(resolved.plan), indent=2) if as_json
+          else plan_text(resolved.plan))
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

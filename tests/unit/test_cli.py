@@ -1,0 +1,113 @@
+"""The ``mpsd`` command as people use it: piped into ``head``, stopped with Ctrl-C.
+
+Each test runs the real CLI in a subprocess. The daemon side is a real unix-socket HTTP server
+in a thread that answers ``GET /status`` with a canned status document (or accepts and never
+answers), so the CLI's whole path — connect, read, render, print — runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO
+
+STATUS = {
+    "status": "1/1 GPUs running, 2/2 engines ready",
+    "mps": {"enabled": False, "reason": "MPS off"},
+    "groups": [{"gpu": f"gpu{i}", "device": str(i), "state": "running", "reason": "ready",
+                "engines": [{"key": f"gpu{i}/tiny-{j}", "pid": 100 + j, "port": 18100 + j,
+                             "ready": True, "inflight": 0} for j in range(2)],
+                "history": []} for i in range(200)],
+}
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps(STATUS).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def control_socket(workdir: Path) -> Iterator[Path]:
+    """A control socket that answers ``/status`` like a daemon with 200 GPUs (a long text)."""
+    path = workdir / "control.sock"
+    server = _UnixHTTPServer(str(path), _StatusHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+
+
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI with stdout a pipe whose reader is already gone (``| head`` that exited)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "mpsd", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60, check=False, cwd=REPO)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("args", [
+    ("status",), ("status", "--json"), ("check-config", "-c", "examples/cpu.toml"),
+    ("check-config", "--json", "-c", "examples/cpu.toml"),
+])
+def test_a_closed_pipe_ends_the_command_quietly(control_socket: Path,
+                                                args: tuple[str, ...]) -> None:
+    if args[0] == "status":
+        args = (*args, "--socket", str(control_socket))
+    out = run_into_closed_pipe(*args)
+    assert out.returncode == 141, out.stderr
+    assert out.stderr == b""
+
+
+def test_ctrl_c_while_waiting_for_the_daemon_ends_without_a_traceback(workdir: Path) -> None:
+    path = workdir / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.settimeout(30)
+        proc = subprocess.Popen([sys.executable, "-m", "mpsd", "status", "--socket", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        conn, _ = listener.accept()  # the CLI is connected and waits for an answer
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert b"Traceback" not in stderr and stdout == b""
+
+
+def test_check_config_prints_only_its_report() -> None:
+    out = subprocess.run([sys.executable, "-m", "mpsd", "check-config", "-c",
+                          "examples/cpu.toml"], capture_output=True, text=True, timeout=60,
+                         check=True, cwd=REPO)
+    assert out.stdout.startswith("MPS: ")
+    assert "{" not in out.stderr and "nvml_unavailable" not in out.stdout + out.stderr
