@@ -318,6 +318,7 @@ async def _serve_mpsd(port: int, upstreams: list[str]) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
                         cache_logger_on_first_use=True)
     from mpsd.config import ProxyConfig  # noqa: PLC0415 (only the process that serves)
+    from mpsd.observe.metrics import Metrics  # noqa: PLC0415 (only the process that serves)
     from mpsd.pool import Backend, BackendPool  # noqa: PLC0415 (only the process that serves)
     from mpsd.proxy.server import ProxyServer  # noqa: PLC0415 (only the process that serves)
 
@@ -325,7 +326,7 @@ async def _serve_mpsd(port: int, upstreams: list[str]) -> None:
     for i, url in enumerate(upstreams):
         pool.add(Backend(key=f"gpu0/bench-{i}", gpu="gpu0", model="bench", base_url=url))
         pool.set_routable(f"gpu0/bench-{i}", True)
-    proxy = ProxyServer(ProxyConfig(listen=f"127.0.0.1:{port}"), pool, lambda: {})
+    proxy = ProxyServer(ProxyConfig(listen=f"127.0.0.1:{port}"), pool, lambda: {}, Metrics(pool))
     await proxy.start()
     await _until_signalled()
     await proxy.stop(1.0)

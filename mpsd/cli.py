@@ -1,4 +1,4 @@
-"""The ``mpsd`` command (DESIGN §7): run, check-config, status, restart, drain, reload.
+"""The ``mpsd`` command (architecture.md §7): run, check-config, status, restart, drain, reload.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 config error (the unit's
 ``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop), 130 after Ctrl-C and

@@ -1,4 +1,4 @@
-"""The TOML configuration contract (DESIGN §3) as frozen pydantic models.
+"""The TOML configuration contract (docs/architecture.md §7) as frozen pydantic models.
 
 `load_config` is the only way in: it parses, merges ``[defaults]`` into every engine, validates
 with ``extra="forbid"`` and turns the first problem into a :class:`ConfigError` that names the

@@ -11,6 +11,7 @@ handled here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from typing import Any
@@ -31,9 +32,8 @@ from mpsd.observe.systemd import Notifier
 from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
-from mpsd.supervise.group import Fault, GpuGroup, GroupOptions
+from mpsd.supervise.group import GroupOptions
 from mpsd.supervise.process import reap_leftovers
-from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
 
 _log = logs.get("mpsd.daemon")
@@ -45,25 +45,6 @@ def group_options(config: Config) -> GroupOptions:
     return GroupOptions(mps=config.mps, restart=config.restart,
                         drain_timeout_s=config.proxy.drain_timeout_s,
                         registry=config.daemon.state_dir / "pgids", environ=dict(os.environ))
-
-
-class _StatusToSystemd:
-    """Forwards the supervisor's status line to ``STATUS=`` (the other events are metrics')."""
-
-    def __init__(self, notifier: Notifier) -> None:
-        self._notifier = notifier
-
-    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None:
-        """Transitions reach systemd through ``status()``, which follows every one."""
-
-    def fault(self, group: GpuGroup, fault: Fault) -> None:
-        """Faults are logged by the group and counted by the metrics."""
-
-    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None:
-        """Recovery times are logged by the supervisor and recorded by the metrics."""
-
-    def status(self, line: str) -> None:
-        self._notifier.status(line)
 
 
 class Daemon:
@@ -157,18 +138,27 @@ async def run(file: str) -> ExitCode:
     pool = BackendPool(config.proxy.max_inflight_per_engine)
     metrics = Metrics(pool)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.proxy.connect_timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # Everything started below is stopped in reverse order by this one stack, on every path
+    # out (a normal stop, a start that fails halfway, a cancellation): Xid watcher, control
+    # socket, proxy (drained), HTTP session.
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         supervisor = Supervisor(plan, options, pool, session,
-                                observers=[metrics, _StatusToSystemd(notifier)])
+                                observers=[metrics], on_status=notifier.status)
         proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics)
         proxy.add_route("GET", "/metrics", metrics_handler(metrics))
         proxy.add_route("GET", "/mpsd/", status_page_handler)
         daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()
+        stack.push_async_callback(lambda: proxy.stop(daemon.config.proxy.drain_timeout_s))
         _log.info("proxy_listening", listen=config.proxy.listen)
         control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload)
         await control.start()
+        stack.push_async_callback(control.stop)
         xids = await _watch_xids(plan, supervisor)
+        if xids is not None:
+            stack.push_async_callback(anyio.to_thread.run_sync, xids.stop)
+        stack.callback(notifier.stopping, "stopping: closing the proxy")
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.handle_signals)
             tg.start_soon(daemon.announce_ready)
@@ -176,10 +166,5 @@ async def run(file: str) -> ExitCode:
             tg.start_soon(notifier.watchdog, supervisor.alive)
             code = await supervisor.run()
             tg.cancel_scope.cancel()
-        notifier.stopping("stopping: closing the proxy")
-        if xids is not None:
-            await anyio.to_thread.run_sync(xids.stop)
-        await control.stop()
-        await proxy.stop(config.proxy.drain_timeout_s)
     _log.info("mpsd_stopped", exit_code=int(code))
     return code

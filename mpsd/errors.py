@@ -1,4 +1,4 @@
-"""The exceptions mpsd raises and the exit codes it promises (DESIGN §7).
+"""The exceptions mpsd raises and the exit codes it promises (docs/architecture.md §7).
 
 Every failure an operator can act on has its own type so that callers decide by type, never
 by parsing messages.

@@ -1,4 +1,4 @@
-"""Which engine gets the next request: least-in-flight with random tie-break (DESIGN §6).
+"""Which engine gets the next request: least-in-flight, random tie-break (architecture.md §2).
 
 The dominant bug of every router the project studied (vllm-router #179, LiteLLM #39322) is
 load-counter bookkeeping: a missed decrement, a double one, or a tie always broken toward the

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"
 FAKE_MPS = FAKES / "nvidia-cuda-mps-control"
@@ -65,6 +67,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+async def until(predicate: Callable[[], Any], within_s: float = 5.0, what: str = "",
+                interval_s: float = 0.005) -> Any:
+    """:func:`wait_until` for code on an event loop: yields between polls instead of blocking."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what or predicate}")
+        await anyio.sleep(interval_s)
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10.0,

@@ -182,29 +182,35 @@ def make_pool(urls: dict[str, str], model: str = "tiny", routable: bool = True,
     return pool
 
 
+class Recorder:
+    """The proxy's request observer for tests: remembers every finished request and wait."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str | None, str | None, int]] = []
+        self.waits: list[float] = []
+
+    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
+                     ttfb_s: float | None) -> None:
+        self.done.append((model, engine, code))
+
+    def queue_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
 @contextlib.asynccontextmanager
-async def running_proxy(pool: BackendPool, **overrides: Any) -> AsyncIterator[ProxyServer]:
-    """An in-process ProxyServer on a free port; stopped (1 s grace) on exit."""
+async def running_proxy(pool: BackendPool, observer: Recorder | None = None,
+                        **overrides: Any) -> AsyncIterator[ProxyServer]:
+    """An in-process ProxyServer on a free port (observed by ``observer``, a fresh
+    :class:`Recorder` by default); stopped (1 s grace) on exit."""
     port = free_ports(1)[0]
     config = ProxyConfig(listen=f"127.0.0.1:{port}", **overrides)
-    server = ProxyServer(config, pool, lambda: {"groups": [{"gpu": "gpu0", "state": "RUNNING"}]})
+    server = ProxyServer(config, pool, lambda: {"groups": [{"gpu": "gpu0", "state": "RUNNING"}]},
+                         observer or Recorder())
     await server.start()
     try:
         yield server
     finally:
         await server.stop(1.0)
-
-
-async def until(predicate: Any, within_s: float = 5.0, what: str = "") -> Any:
-    """Poll ``predicate`` on the event loop until truthy (fail after ``within_s``)."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.005)
 
 
 # -- fake-vllm processes --------------------------------------------------------------------

@@ -3,7 +3,8 @@
 These commands talk to the running daemon over ``<state_dir>/control.sock`` (HTTP/JSON, see
 :mod:`mpsd.control.server`). The client uses :mod:`http.client` over an ``AF_UNIX`` socket
 rather than aiohttp: importing aiohttp alone costs a third of a second, and an operator types these
-commands by hand. Every function prints one human answer and returns the exit code (DESIGN §7):
+commands by hand. Every function prints one human answer and returns the exit code
+(docs/architecture.md §7):
 0 when the daemon did it, 1 when it refused, failed, or cannot be reached — with a message
 saying which, because "connection refused" tells an operator nothing.
 """

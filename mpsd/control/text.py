@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
+from mpsd.plan.cpus import cpu_list
+
 DOT = "\u25cf"
 HISTORY_SHOWN = 5
 
@@ -56,20 +58,6 @@ def ago(seconds: float) -> str:
         return f"{h} h {m} min ago" if m else f"{h} h ago"
     d, h = divmod(s // 3600, 24)
     return f"{d} day{'s' if d > 1 else ''} {h} h ago" if h else f"{d} day{'s' if d > 1 else ''} ago"
-
-
-def cpu_list(cores: Sequence[int]) -> str:
-    """Cores as a compact Linux cpu-list (``0-3,8``)."""
-    ordered = sorted(set(cores))
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 def clean(value: object) -> str:

@@ -14,7 +14,6 @@ import anyio
 from mpsd.config import Config, load_config
 from mpsd.host import nvml
 from mpsd.plan.build import HostFacts, Plan, build_plan
-from mpsd.plan.cpus import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -38,3 +37,8 @@ async def resolve(file: str) -> Resolved:
     config = load_config(file)
     plan = build_plan(config, await host_facts(config), file)
     return Resolved(file, config, plan)
+
+
+def usable_cpus() -> tuple[int, ...]:
+    """Cores this process may run on (honours cgroup/cpuset limits via sched_getaffinity)."""
+    return tuple(sorted(os.sched_getaffinity(0)))

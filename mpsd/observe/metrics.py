@@ -1,6 +1,7 @@
-"""mpsd's Prometheus metrics (DESIGN §9): one registry, fed three ways, served by the proxy.
+"""mpsd's Prometheus metrics (docs/architecture.md §7): one registry fed three ways, served by the
+proxy.
 
-* **Events** — the supervisor's :class:`~mpsd.supervise.supervisor.SupervisorObserver` calls (state
+* **Events** — the supervisor's :class:`~mpsd.supervise.group.GroupObserver` calls (state
   changes, faults, recovery phases) and the proxy's ``RequestObserver`` calls (one per request,
   one per queue wait). These run on the request path or inside the group's state machine, so
   each is a dict lookup of a cached labelled child plus one ``inc``/``observe``.
@@ -137,7 +138,7 @@ class Metrics:
             self._request_children[(model, engine, code)] = children
         return children
 
-    # -- SupervisorObserver (state machine events; rare, but keep them cheap) ---------------
+    # -- GroupObserver (state machine events; rare, but keep them cheap) ---------------
 
     def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None:
         """Move the one-hot ``group_state``; a start out of BACKOFF or FAILED is a restart."""
@@ -159,9 +160,6 @@ class Metrics:
     def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None:
         self._recovery.labels(group.key, phase).observe(seconds)
         self.last_recovery.setdefault(group.key, {})[phase] = seconds
-
-    def status(self, line: str) -> None:
-        """Not a metric: the status line is for systemd and ``mpsd status``."""
 
     def track(self, groups: list[GpuGroup]) -> None:
         """Show ``group_state`` for groups that have not changed state yet (all STOPPED)."""

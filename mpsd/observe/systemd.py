@@ -1,4 +1,5 @@
-"""sd_notify for ``mpsd run`` under systemd (DESIGN §8); every method is a no-op without it.
+"""sd_notify for ``mpsd run`` under systemd (docs/architecture.md §7); every method is a no-op
+without it.
 
 What the daemon tells systemd, and when:
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -75,9 +74,3 @@ def assign_cpus(config: Config, facts: HostFacts, infos: list[GpuInfo | None],
         out[slot] = tuple(sorted(chosen))
         pool = [c for c in pool if c not in chosen]
     return out, proxy
-
-
-
-def usable_cpus() -> tuple[int, ...]:
-    """Cores this process may run on (honours cgroup/cpuset limits via sched_getaffinity)."""
-    return tuple(sorted(os.sched_getaffinity(0)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mpsd.config import EngineConfig, parse_size
 
-# Environment an engine inherits from mpsd; everything else is dropped (DESIGN §4).
+# Environment an engine inherits from mpsd; everything else is dropped (docs/architecture.md §2).
 _INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM")
 
 

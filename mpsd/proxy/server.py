@@ -1,6 +1,7 @@
 """The OpenAI-compatible front door: every ``/v1/*`` request to the least-loaded engine.
 
-Shape of the hot path (DESIGN §6; docs/performance.md says why it is not aiohttp end to end):
+Shape of the hot path (docs/architecture.md §2; docs/performance.md says why it is not aiohttp
+end to end):
 
 * :mod:`mpsd.proxy.front` parses the request in the client connection's protocol callback, and
   :meth:`ProxyServer.handle` reads the model from the JSON body;
@@ -69,15 +70,6 @@ class RequestObserver(Protocol):
     def queue_wait(self, seconds: float) -> None: ...
 
 
-class _NullObserver:
-    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
-                     ttfb_s: float | None) -> None:
-        pass
-
-    def queue_wait(self, seconds: float) -> None:
-        pass
-
-
 class _Route:
     __slots__ = ("auth", "handler", "method", "path", "prefix")
 
@@ -94,11 +86,11 @@ class ProxyServer:
 
     def __init__(self, config: ProxyConfig, pool: BackendPool,
                  status: Callable[[], dict[str, Any]],
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver) -> None:
         self._config = config
         self._pool = pool
         self._status = status
-        self._observer: RequestObserver = observer or _NullObserver()
+        self._observer = observer
         self._keys = load_api_keys(config.api_keys_file)
         self._routes: list[_Route] = []
         self._conns: set[FrontConnection] = set()

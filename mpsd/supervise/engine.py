@@ -1,8 +1,8 @@
 """One engine process: start it, decide when it is ready, probe it while it runs.
 
-Ready means three things (DESIGN §4): ``/health`` answers 200, a canary request is answered
-(``/health`` alone lies when EngineCore died silently, vllm #39863), and with MPS on, one of
-the engine's processes is a client of its group's MPS server (a client with a wrong pipe dir
+Ready means three things (docs/architecture.md §2): ``/health`` answers 200, a canary request is
+answered (``/health`` alone lies when EngineCore died silently, vllm #39863), and with MPS on,
+one of the engine's processes is a client of its group's MPS server (a client with a wrong pipe dir
 silently runs outside MPS).
 """
 

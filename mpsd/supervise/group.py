@@ -1,4 +1,4 @@
-"""One GPU as one fault domain: its MPS daemon, its engines, their recovery (DESIGN §5).
+"""One GPU as one fault domain: its MPS daemon, its engines, their recovery (architecture.md §6).
 
 A group is the single writer of its state. One *attempt* is one task group: start MPS, start
 engines one after another, then watch the five fault signals. The first fault cancels the
@@ -45,8 +45,10 @@ class Fault:
     fatal: bool = False
 
 
-class GroupListener(Protocol):
-    """What the supervisor (status line, metrics) hears from a group."""
+class GroupObserver(Protocol):
+    """The one way to hear about groups: a group tells the supervisor, which tells its own
+    observers (the metrics) the same three events. Each method must be cheap: it runs on the
+    event loop inside the state machine."""
 
     def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None: ...
     def fault(self, group: GpuGroup, fault: Fault) -> None: ...
@@ -68,13 +70,13 @@ class GpuGroup:
     """Supervises one GPU's MPS daemon and engines."""
 
     def __init__(self, plan: GroupPlan, options: GroupOptions, pool: BackendPool,
-                 session: aiohttp.ClientSession, listener: GroupListener,
+                 session: aiohttp.ClientSession, observer: GroupObserver,
                  rng: random.Random | None = None) -> None:
         self.plan = plan
         self.options = options
         self._pool = pool
         self._session = session
-        self._listener = listener
+        self._observer = observer
         self._rng = rng or random.Random()
         self.state = GroupState.STOPPED
         self.since = time.time()
@@ -199,7 +201,7 @@ class GpuGroup:
                 fault = await self._attempt()
                 if fault is None:
                     break
-                self._listener.fault(self, fault)
+                self._observer.fault(self, fault)
                 self.history.append({"at": time.time(), "signal": fault.signal,
                                      "reason": fault.reason})
                 self._set_state(GroupState.RECOVERING, fault.reason)
@@ -264,7 +266,7 @@ class GpuGroup:
                 return
             tg.start_soon(self._watch_mps_engine, engine, on_fault)
         if self._recovering_since is not None:
-            self._listener.recovered(self, "engine", time.monotonic() - t0)
+            self._observer.recovered(self, "engine", time.monotonic() - t0)
             self._recovering_since = None
         self._ever_ready = True
         self._set_state(GroupState.RUNNING, f"{len(self.plan.engines)} engines ready")
@@ -307,7 +309,7 @@ class GpuGroup:
             self._pool.set_routable(plan.key, False)
             await engine.process.kill()
             fault = Fault(signal, reason)
-            self._listener.fault(self, fault)
+            self._observer.fault(self, fault)
             self.history.append({"at": time.time(), "signal": signal, "reason": reason,
                                  "engine": plan.key})
             now = time.monotonic()
@@ -398,7 +400,7 @@ class GpuGroup:
                 else:
                     await self.mps.kill()
                 self.mps = None
-            self._listener.recovered(self, "mps", time.monotonic() - t0)
+            self._observer.recovered(self, "mps", time.monotonic() - t0)
 
     async def _kill_engines(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -459,7 +461,7 @@ class GpuGroup:
 
     def _set_reason(self, reason: str) -> None:
         self.reason = reason
-        self._listener.state_changed(self, self.state, self.state)
+        self._observer.state_changed(self, self.state, self.state)
 
     def _set_state(self, new: GroupState, reason: str) -> None:
         old = self.state
@@ -471,4 +473,4 @@ class GpuGroup:
         self.state, self.since, self.reason = new, time.time(), reason
         log = _log.error if new is GroupState.FAILED else _log.info
         log("group_state", gpu=self.key, **{"from": str(old)}, to=str(new), reason=reason)
-        self._listener.state_changed(self, old, new)
+        self._observer.state_changed(self, old, new)

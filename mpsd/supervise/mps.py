@@ -1,4 +1,4 @@
-"""One ``nvidia-cuda-mps-control -f`` per GPU, owned by mpsd (DESIGN §4-5, mps.md §6.1).
+"""One ``nvidia-cuda-mps-control -f`` per GPU, owned by mpsd (docs/architecture.md §2, mps.md §6.1).
 
 The daemon runs in the foreground as mpsd's child with ``CUDA_VISIBLE_DEVICES=<uuid>`` and
 private pipe and log directories, so its death is seen by ``wait()`` and nothing else on the

@@ -1,4 +1,4 @@
-"""Group states, the legal transitions between them, and the restart budget (DESIGN §5).
+"""Group states, the legal transitions between them, and the restart budget (architecture.md §6).
 
 Pure: no I/O, no clock of its own. Callers pass ``now`` so the budget is testable exhaustively.
 """

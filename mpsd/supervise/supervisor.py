@@ -1,6 +1,7 @@
 """All groups of the host: runs them, aggregates their state, decides the exit code.
 
-The supervisor is the groups' listener: every transition refreshes the one-line status
+The supervisor is the groups' observer (and passes their events on to its own observers,
+the metrics): every transition refreshes the one-line status
 (``2/2 GPUs running, 4/4 engines ready``) that systemd and ``mpsd status`` show, and when
 every group has FAILED the daemon exits 1 so that systemd's ``Restart=on-failure`` and the
 operator see it.
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import anyio
@@ -20,20 +22,11 @@ from mpsd import logs
 from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import GroupPlan, Plan
 from mpsd.pool import BackendPool
-from mpsd.supervise.group import Fault, GpuGroup, GroupOptions
+from mpsd.supervise.group import Fault, GpuGroup, GroupObserver, GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.xids import HARDWARE_XIDS, classify_xid
 
 _log = logs.get("mpsd.supervisor")
-
-
-class SupervisorObserver(Protocol):
-    """Metrics and systemd hear about groups through this (each method must be cheap)."""
-
-    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None: ...
-    def fault(self, group: GpuGroup, fault: Fault) -> None: ...
-    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None: ...
-    def status(self, line: str) -> None: ...
 
 
 class Supervisor:
@@ -41,11 +34,13 @@ class Supervisor:
 
     def __init__(self, plan: Plan, options: GroupOptions, pool: BackendPool,
                  session: aiohttp.ClientSession,
-                 observers: list[SupervisorObserver] | None = None,
+                 observers: list[GroupObserver] | None = None,
+                 on_status: Callable[[str], None] | None = None,
                  rng: random.Random | None = None) -> None:
         self.plan = plan
         self.pool = pool
         self.observers = list(observers or [])
+        self._on_status = on_status
         self.exit_code = ExitCode.OK
         self.started = time.time()
         self.options = options
@@ -58,7 +53,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self.groups = {g.key: self._new_group(g) for g in plan.groups}
 
-    # GroupListener -------------------------------------------------------------------
+    # GroupObserver -------------------------------------------------------------------
 
     def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None:
         for observer in self.observers:
@@ -240,9 +235,8 @@ class Supervisor:
         }
 
     def _publish(self) -> None:
-        line = self.status_line()
-        for observer in self.observers:
-            observer.status(line)
+        if self._on_status is not None:
+            self._on_status(self.status_line())
 
 
 def _mps_identity(options: GroupOptions) -> tuple[str, dict[str, str]]:

@@ -31,11 +31,6 @@ VLLM = FAKES / "fake-vllm"
 Event = dict[str, Any]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll until ``predicate`` returns something truthy (never a bare sleep)."""
-    return wait_until(predicate, timeout, what)
-
-
 def free_port() -> int:
     return free_ports(1)[0]
 
@@ -100,7 +95,7 @@ class Rig:
 
     def daemon(self, **extra: str) -> subprocess.Popen[bytes]:
         proc = self.spawn([str(MPS), "-f"], self.env(extra=extra), "mps-daemon")
-        wait_for(lambda: self.event("daemon_start"), what="MPS daemon start")
+        wait_until(lambda: self.event("daemon_start"), what="MPS daemon start")
         return proc
 
     def engine(self, port: int, *flags: str, mps: bool = True,
@@ -112,7 +107,7 @@ class Rig:
 
     def ready(self, port: int, proc: subprocess.Popen[bytes]) -> int:
         """Wait for readiness; return the EngineCore PID."""
-        wait_for(lambda: self.event("ready", who=f"engine:{port}") or proc.poll() is not None,
+        wait_until(lambda: self.event("ready", who=f"engine:{port}") or proc.poll() is not None,
                  15, f"engine {port} ready")
         assert proc.poll() is None, (self.dir / f"engine-{port}.log").read_text()
         core: int = self.first("engine_core_start", who=f"engine:{port}")["core_pid"]
@@ -153,7 +148,7 @@ class Rig:
         pids = {int(e["pid"]) for e in self.events()} | {
             int(e[k]) for e in self.events() for k in ("core_pid", "server_pid") if k in e}
         for pid in pids:  # orphaned EngineCores and MPS servers are in the killed groups too
-            wait_for(_gone(pid), 5, f"pid {pid} gone")
+            wait_until(_gone(pid), 5, f"pid {pid} gone")
 
 
 @pytest.fixture
@@ -213,7 +208,7 @@ def test_fault_reaches_every_client_and_server_recovers_with_same_pid(rig: Rig) 
     assert {int(row.split()[0]) for row in ps[1:]} == cores
     rig.mps("fake_fault")
     assert [e.wait(10) for e in engines] == [0, 0]
-    wait_for(lambda: rig.event("status", status="ACTIVE"), what="ACTIVE again")
+    wait_until(lambda: rig.event("status", status="ACTIVE"), what="ACTIVE again")
     statuses = [e["status"] for e in rig.events("status", server_pid=int(server))]
     assert statuses == ["FAULT", "ACTIVE"]
     assert server_of(rig) == server
@@ -232,14 +227,14 @@ def test_stuck_client_keeps_fault_and_new_clients_are_refused(rig: Rig) -> None:
     rig.ready(port, stuck)
     server = server_of(rig)
     rig.mps("fake_fault")
-    wait_for(lambda: rig.mps(f"get_server_status {server}").strip() == "FAULT", what="FAULT")
+    wait_until(lambda: rig.mps(f"get_server_status {server}").strip() == "FAULT", what="FAULT")
     late_port = free_port()
     late = rig.engine(late_port)
     assert late.wait(15) == 1  # CUDA_ERROR_MPS_SERVER_NOT_READY during start-up
     assert rig.first("mps_refused", who=f"engine-core:{late_port}")["error"] == 807
     assert rig.mps(f"get_server_status {server}").strip() == "FAULT"
     os.killpg(stuck.pid, signal.SIGKILL)
-    wait_for(lambda: rig.mps(f"get_server_status {server}").strip() == "ACTIVE", what="ACTIVE")
+    wait_until(lambda: rig.mps(f"get_server_status {server}").strip() == "ACTIVE", what="ACTIVE")
     assert server_of(rig) == server
 
 
@@ -266,7 +261,7 @@ def test_sigkill_of_a_busy_client_faults_its_sibling(rig: Rig) -> None:
     conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": "hi", "max_tokens": 500, "stream": True}),
         {"Content-Type": "application/json"})
-    wait_for(lambda: rig.event("client_state", client_pid=cores[0], state="busy"), what="busy")
+    wait_until(lambda: rig.event("client_state", client_pid=cores[0], state="busy"), what="busy")
     os.kill(cores[0], signal.SIGKILL)
     assert engines[1].wait(10) == 0  # the idle sibling got the fault and its engine died
     fault = rig.event("fault")
@@ -295,7 +290,7 @@ def test_killed_daemon_takes_its_server_along(rig: Rig) -> None:
     server = int(server_of(rig))
     daemon.kill()
     daemon.wait(5)
-    wait_for(_gone(server), 5, "server exit")
+    wait_until(_gone(server), 5, "server exit")
     assert (rig.pipe / "control").exists()
     port = free_port()
     rig.ready(port, rig.engine(port))
@@ -348,16 +343,16 @@ def test_engine_api_shapes_and_sse_framing(rig: Rig) -> None:
 def test_health_is_refused_until_ready(rig: Rig) -> None:
     port = free_port()
     engine = rig.engine(port, mps=False, FAKE_ENGINE_START_DELAY_S="1.5")
-    wait_for(lambda: rig.event("engine_core_start"), what="EngineCore spawned")
+    wait_until(lambda: rig.event("engine_core_start"), what="EngineCore spawned")
     assert request(port, "GET", "/health") is None
     assert engine.poll() is None
-    wait_for(lambda: request(port, "GET", "/health") == (200, b""), 15, "health 200")
+    wait_until(lambda: request(port, "GET", "/health") == (200, b""), 15, "health 200")
 
 
 def test_sigterm_during_slow_start_is_prompt(rig: Rig) -> None:
     port = free_port()
     engine = rig.engine(port, mps=False, FAKE_ENGINE_START_DELAY_S="60")
-    wait_for(lambda: rig.event("engine_core_start"), what="EngineCore spawned")
+    wait_until(lambda: rig.event("engine_core_start"), what="EngineCore spawned")
     started = time.monotonic()
     engine.send_signal(signal.SIGTERM)
     assert engine.wait(10) == 0
@@ -382,7 +377,7 @@ def test_ignored_sigterm_needs_sigkill(rig: Rig) -> None:
     engine = rig.engine(port, mps=False, FAKE_ENGINE_IGNORE_SIGTERM="1")
     rig.ready(port, engine)
     os.killpg(engine.pid, signal.SIGTERM)
-    wait_for(lambda: rig.event("sigterm", ignored=True), what="ignored SIGTERM")
+    wait_until(lambda: rig.event("sigterm", ignored=True), what="ignored SIGTERM")
     assert request(port, "GET", "/health") == (200, b"")
     assert engine.poll() is None
     os.killpg(engine.pid, signal.SIGKILL)
@@ -418,7 +413,7 @@ def test_sigterm_abort_mode_and_client_disconnect(rig: Rig) -> None:
         {"Content-Type": "application/json"})
     assert gone.getresponse().status == 200
     gone.close()
-    wait_for(lambda: rig.event("abort", reason="client_disconnect"), what="abort event")
+    wait_until(lambda: rig.event("abort", reason="client_disconnect"), what="abort event")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000, "stream": True}),
@@ -443,10 +438,10 @@ def test_control_file_and_orphaned_engine_core(rig: Rig) -> None:
     core = rig.ready(other, survivor)
     (control / ".tmp").write_text("unhealthy\n")
     (control / ".tmp").rename(control / f"{port}.cmd")
-    wait_for(lambda: request(port, "GET", "/health") == (503, b""), what="503")
+    wait_until(lambda: request(port, "GET", "/health") == (503, b""), what="503")
     assert not (control / f"{port}.cmd").exists()
     survivor.kill()  # SIGKILL of the API server alone orphans EngineCore, like vLLM
     survivor.wait(5)
-    wait_for(lambda: rig.event("engine_core_orphaned", who=f"engine-core:{other}"),
+    wait_until(lambda: rig.event("engine_core_orphaned", who=f"engine-core:{other}"),
              what="orphan noticed")
     assert alive(core)

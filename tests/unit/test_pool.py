@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpsd.pool import Backend, BackendPool, NoCapacity, UnknownModel, pick
+from tests.harness import until
 
 
 def _backend(key: str, model: str = "m", inflight: int = 0, routable: bool = True) -> Backend:
@@ -26,12 +27,6 @@ def _pool(*keys: str, model: str = "m", cap: int = 0, seed: int = 0) -> BackendP
         pool.add(Backend(key=key, gpu=key.partition("/")[0], model=model, base_url=f"http://{key}"))
         pool.set_routable(key, True)
     return pool
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until ``predicate`` holds (the caller's ``run`` bounds it at 5 s)."""
-    while not predicate():  # noqa: ASYNC110 (state lives in the pool, not in an Event)
-        await asyncio.sleep(0)
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -211,7 +206,7 @@ class TestQueue:
                 tasks.append(asyncio.create_task(waiter(i, gates[i])))
                 await asyncio.sleep(0)  # let each one queue in turn (ordering, not timing)
             for i in range(4):
-                await until(lambda i=i: len(order) > i)  # type: ignore[misc]
+                await until(lambda i=i: len(order) > i, interval_s=0)  # type: ignore[misc]
                 assert pool.backends()[0].inflight == 1
                 gates[i].set()
             await asyncio.gather(*tasks)
@@ -244,7 +239,7 @@ class TestQueue:
                     return backend.key
 
             task = asyncio.create_task(client())
-            await until(lambda: pool.queued() != 0)
+            await until(lambda: pool.queued() != 0, interval_s=0)
             pool.set_routable("g0/a", True)
             assert await task == "g0/a"
             assert pool.inflight_total() == 0
@@ -257,7 +252,7 @@ class TestQueue:
         async def scenario() -> None:
             async with pool.lease("m"):
                 task = asyncio.create_task(pool.lease("m", wait_s=5).__aenter__())
-                await until(lambda: pool.queued() != 0)
+                await until(lambda: pool.queued() != 0, interval_s=0)
                 pool.set_cap(2)
                 backend = await task
                 assert backend.inflight == 2
@@ -278,7 +273,7 @@ class TestQueue:
                     raise AssertionError("must not run")
 
             task = asyncio.create_task(client())
-            await until(lambda: pool.queued() != 0)
+            await until(lambda: pool.queued() != 0, interval_s=0)
             await outer.__aexit__(None, None, None)  # grants the slot to the waiter...
             task.cancel()                            # ...which is cancelled before it resumes
             with pytest.raises(asyncio.CancelledError):
@@ -296,7 +291,7 @@ class TestQueue:
         async def scenario() -> None:
             async with pool.lease("x"):
                 task = asyncio.create_task(pool.lease("x", wait_s=5).__aenter__())
-                await until(lambda: pool.queued() != 0)
+                await until(lambda: pool.queued() != 0, interval_s=0)
                 async with pool.lease("y", wait_s=5) as backend:
                     assert backend.key == "g0/b"
                 task.cancel()

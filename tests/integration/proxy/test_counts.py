@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from tests.harness import free_ports
-from tests.proxy_helpers import ScriptedEngine, make_pool, running_proxy, until
+from tests.harness import free_ports, until
+from tests.proxy_helpers import ScriptedEngine, make_pool, running_proxy
 
 MODES = ["ok", "stream:3", "cut:2", "hang", "close", "status:500", "slow:0.01", "stream:1",
          "cutjson"]

@@ -25,8 +25,8 @@ import pytest
 
 from mpsd.pool import Backend, BackendPool
 from mpsd.proxy.server import ProxyServer
-from tests.harness import processes_mentioning
-from tests.proxy_helpers import FakeEngines, make_pool, running_proxy, sse_events, until
+from tests.harness import processes_mentioning, until
+from tests.proxy_helpers import FakeEngines, make_pool, running_proxy, sse_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -18,8 +18,8 @@ from aiohttp import web
 
 from mpsd.config import ProxyConfig
 from mpsd.proxy.server import ProxyServer
-from tests.harness import free_ports
-from tests.proxy_helpers import ScriptedEngine, make_pool, running_proxy, sse_events, until
+from tests.harness import free_ports, until
+from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_proxy, sse_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -36,19 +36,6 @@ async def engines() -> AsyncIterator[list[ScriptedEngine]]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
         yield client
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.done: list[tuple[str | None, str | None, int]] = []
-        self.waits: list[float] = []
-
-    def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
-                     ttfb_s: float | None) -> None:
-        self.done.append((model, engine, code))
-
-    def queue_wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 def body(mode: str = "ok", model: str = "tiny", **extra: Any) -> dict[str, Any]:
@@ -123,8 +110,7 @@ class TestRelay:
             self, engines: list[ScriptedEngine], session: aiohttp.ClientSession) -> None:
         recorder = Recorder()
         pool = make_pool({"gpu0/a": engines[0].url})
-        async with running_proxy(pool) as proxy:
-            proxy._observer = recorder
+        async with running_proxy(pool, observer=recorder) as proxy:
             status, _, raw = await post(session, proxy, body("cut:2"))
             assert status == 200
             events = sse_events(raw)
@@ -140,8 +126,7 @@ class TestRelay:
         """A cut JSON body cannot be repaired: the client sees the connection end early."""
         recorder = Recorder()
         pool = make_pool({"gpu0/a": engines[0].url})
-        async with running_proxy(pool) as proxy:
-            proxy._observer = recorder
+        async with running_proxy(pool, observer=recorder) as proxy:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await post(session, proxy, body("cutjson"))
             await until(lambda: ("tiny", "gpu0/a", 502) in recorder.done)
@@ -282,8 +267,7 @@ class TestErrors:
             self, engines: list[ScriptedEngine], session: aiohttp.ClientSession) -> None:
         recorder = Recorder()
         pool = make_pool({"gpu0/a": engines[0].url})
-        async with running_proxy(pool) as proxy:
-            proxy._observer = recorder
+        async with running_proxy(pool, observer=recorder) as proxy:
             status, _, _ = await post(session, proxy, {"prompt": "hi"})
             assert status == 200  # one model: served by it, like vLLM
             await until(lambda: recorder.done)
@@ -329,8 +313,7 @@ class TestRouting:
         recorder = Recorder()
         pool = make_pool({"gpu0/a": engines[0].url})
         async with running_proxy(pool, max_inflight_per_engine=1,
-                                 admission_wait_s=5.0) as proxy:
-            proxy._observer = recorder
+                                 admission_wait_s=5.0, observer=recorder) as proxy:
             results = await asyncio.gather(*(post(session, proxy, body("slow:0.02"))
                                              for _ in range(4)))
             assert [r[0] for r in results] == [200] * 4
@@ -391,10 +374,10 @@ class TestLifecycle:
     async def test_bind_conflict_raises_oserror(self) -> None:
         port = free_ports(1)[0]
         config = ProxyConfig(listen=f"127.0.0.1:{port}")
-        first = ProxyServer(config, make_pool({}), dict)
+        first = ProxyServer(config, make_pool({}), dict, Recorder())
         await first.start()
         try:
-            second = ProxyServer(config, make_pool({}), dict)
+            second = ProxyServer(config, make_pool({}), dict, Recorder())
             with pytest.raises(OSError):
                 await second.start()
         finally:

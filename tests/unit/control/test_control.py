@@ -29,13 +29,14 @@ import structlog
 from mpsd.config import parse_config
 from mpsd.control import client as control_client
 from mpsd.control.server import ControlServer, ControlSocketError
-from mpsd.control.text import ago, clean, cpu_list, render
+from mpsd.control.text import ago, clean, render
 from mpsd.plan.build import HostFacts, build_plan
+from mpsd.plan.cpus import cpu_list
 from mpsd.pool import BackendPool
 from mpsd.supervise.group import GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
-from tests.harness import REPO, free_ports
+from tests.harness import REPO, free_ports, until
 
 pytestmark = pytest.mark.anyio
 ENGINE = "gpu0/web-0"
@@ -71,18 +72,6 @@ def make_supervisor(workdir: Path, session: aiohttp.ClientSession) -> Supervisor
     options = GroupOptions(mps=config.mps, restart=config.restart, drain_timeout_s=1,
                            registry=None, environ={})
     return Supervisor(plan, options, BackendPool(), session)
-
-
-async def eventually(predicate: Callable[[], Any], what: str, within: float = 20.0) -> Any:
-    """Poll ``predicate`` until truthy; fail naming ``what`` after ``within`` seconds."""
-    try:
-        with anyio.fail_after(within):
-            while True:
-                if value := predicate():
-                    return value
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
 
 
 def engine_pid(sup: Supervisor) -> int | None:
@@ -129,7 +118,7 @@ async def daemon(workdir: Path, reload: Reload = ok_reload,
             try:
                 await server.start()
                 if start_groups:
-                    await eventually(lambda: running(sup), "gpu0 running")
+                    await until(lambda: running(sup), 20.0, "gpu0 running")
                 yield Daemon(sup, server, sock)
             finally:
                 await server.stop()
@@ -187,14 +176,14 @@ async def test_drain_stops_the_group_and_restart_starts_it(
 
         assert await call(control_client.restart, d.sock, "0") == 0  # by device, too
         assert "gpu0: restarting" in capsys.readouterr().out
-        await eventually(lambda: running(d.sup), "gpu0 running again")
+        await until(lambda: running(d.sup), 20.0, "gpu0 running again")
         second = engine_pid(d.sup)
         assert second is not None and second != first and alive(second)
 
         # restart of a running group: stopped safely, started again with a new process
         assert await call(control_client.restart, d.sock, "gpu0") == 0
         assert not alive(second)
-        await eventually(lambda: running(d.sup), "gpu0 running after the restart")
+        await until(lambda: running(d.sup), 20.0, "gpu0 running after the restart")
         assert engine_pid(d.sup) not in (None, second)
 
 
