@@ -14,10 +14,13 @@ from collections.abc import Callable
 
 from mpsd.pool import Lease
 from mpsd.proxy.errors import sse_error_event
+from mpsd.proxy.framing import ChunkedDecoder, FramingError, Limits
 from mpsd.proxy.front import FrontConnection, Request
 from mpsd.proxy.upstream import UpstreamConnection
 
 MAX_HEAD_BYTES = 64 * 1024
+_ENGINE_LIMITS = Limits()  # an engine's trailers are bounded like a client's
+_UNLIMITED = 1 << 62
 
 _NONE, _LENGTH, _CHUNKED, _DECHUNK, _EOF = range(5)
 _HOP_RESPONSE = frozenset({
@@ -38,7 +41,7 @@ class Exchange:
     a clean end, anything else has its client connection closed, and ``broken`` is set.
     """
 
-    __slots__ = ("_buf", "_framing", "_in_trailer", "_left", "_out", "_paused", "backend_model",
+    __slots__ = ("_buf", "_chunks", "_framing", "_left", "_out", "_paused", "backend_model",
                  "broken", "client", "client_gone", "deadline", "ended", "engine", "error",
                  "head_at", "head_only", "http11", "keep_alive", "lease", "model", "on_end",
                  "pool", "request", "reusable", "sse", "started", "status", "upstream")
@@ -71,7 +74,7 @@ class Exchange:
         self._buf = b""
         self._framing = -1
         self._left = 0
-        self._in_trailer = False
+        self._chunks: ChunkedDecoder | None = None
         self._paused = False
         # the client transport's own write, not a wrapper: this runs once per relayed read.
         # Safe because a client connection that closes or aborts ends its exchange first.
@@ -92,7 +95,12 @@ class Exchange:
     def feed(self, data: bytes) -> None:
         framing = self._framing
         if framing == _CHUNKED:  # the hot path: an SSE event or a slice of a chunked body
-            end = self._scan(data)
+            assert self._chunks is not None
+            try:
+                end = self._chunks.feed(data)
+            except FramingError:
+                self._break("the engine sent malformed chunked framing")
+                return
             if end < 0:
                 self._out(data)
                 return
@@ -162,6 +170,7 @@ class Exchange:
             self._framing = _NONE
         elif chunked:
             self._framing = _CHUNKED if self.http11 else _DECHUNK
+            self._chunks = ChunkedDecoder(_ENGINE_LIMITS, _UNLIMITED)
             self.keep_alive = self.keep_alive and self.http11
         elif length is not None:
             self._framing = _LENGTH if length else _NONE
@@ -208,91 +217,21 @@ class Exchange:
             self._end(len(data) == left and self.reusable)
         elif framing == _EOF:
             self._out(data)
-        elif framing == _DECHUNK:
-            payload, end = self._dechunk(data)
+        elif framing == _DECHUNK:  # an HTTP/1.0 client: the payloads alone
+            assert self._chunks is not None
+            payload: list[bytes] = []
+            try:
+                end = self._chunks.feed(data, payload)
+            except FramingError:
+                end = -2
             if payload:
-                self._out(payload)
-            if end >= 0:
+                self._out(b"".join(payload))
+            if end == -2:
+                self._break("the engine sent malformed chunked framing")
+            elif end >= 0:
                 self._end(end == len(data) and self.reusable)
         elif framing == _CHUNKED:
             self.feed(data)
-
-    def _scan(self, data: bytes) -> int:
-        """Advance over chunk framing; return the index just past the last chunk, else -1."""
-        buf = data
-        offset = 0
-        if self._buf:  # a chunk-size line split across reads (rare)
-            buf = self._buf + data
-            offset = len(self._buf)
-            self._buf = b""
-        pos = 0
-        n = len(buf)
-        left = self._left
-        while True:
-            if left:
-                if n - pos <= left:
-                    self._left = left - (n - pos)
-                    return -1
-                pos += left
-                left = 0
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                self._left = 0
-                self._buf = buf[pos:]
-                if len(self._buf) > 1024:
-                    self._break("the engine sent malformed chunked framing")
-                return -1
-            if self._in_trailer:
-                if nl == pos:
-                    self._left = 0
-                    return nl + 2 - offset
-                pos = nl + 2
-                continue
-            size = _chunk_size(buf[pos:nl])
-            if size < 0:
-                self._break("the engine sent malformed chunked framing")
-                return -1
-            pos = nl + 2
-            if size == 0:
-                self._in_trailer = True
-            else:
-                left = size + 2
-
-    def _dechunk(self, data: bytes) -> tuple[bytes, int]:
-        """Like :meth:`_scan` but return the chunk payloads (for HTTP/1.0 clients)."""
-        out: list[bytes] = []
-        offset = len(self._buf)
-        buf = self._buf + data if self._buf else data
-        self._buf = b""
-        pos, n = 0, len(buf)
-        while pos < n:
-            if self._left:
-                take = min(self._left, n - pos)
-                payload = min(take, max(self._left - 2, 0))
-                if payload:
-                    out.append(buf[pos:pos + payload])
-                self._left -= take
-                pos += take
-                continue
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                self._buf = buf[pos:]
-                break
-            if self._in_trailer:
-                if nl == pos:
-                    return b"".join(out), nl + 2 - offset
-                pos = nl + 2
-                continue
-            size = _chunk_size(buf[pos:nl])
-            if size < 0:
-                self._break("the engine sent malformed chunked framing")
-                return b"".join(out), -1
-            pos = nl + 2
-            if size == 0:
-                self._in_trailer = True
-            else:
-                self._left = size + 2
-        return b"".join(out), -1
 
     # -- endings ----------------------------------------------------------------------------
 
@@ -329,7 +268,7 @@ class Exchange:
             return
         self.broken = True
         event = sse_error_event(502, f"the engine failed mid-stream: {message}")
-        at_boundary = self._left == 0 and not self._buf and not self._in_trailer
+        at_boundary = self._chunks is not None and self._chunks.at_boundary
         if self.sse and self._framing == _CHUNKED and at_boundary:
             self._out(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
         else:  # no clean way to end this response: the client connection goes (on_end sees
@@ -383,17 +322,6 @@ def _header(lower: bytes, name: bytes) -> bytes:
     at += len(name)
     end = lower.find(b"\r\n", at)
     return lower[at:end if end >= 0 else len(lower)].strip()
-
-
-def _chunk_size(line: bytes) -> int:
-    """The size on a chunk-size line; -1 if it is not one."""
-    try:
-        return int(line, 16)
-    except ValueError:  # chunk extensions (";name=value") are legal, if rare
-        try:
-            return int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            return -1
 
 
 def _status_of(buf: bytes) -> int:
