@@ -54,13 +54,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _control(args: argparse.Namespace, file: str) -> int:
     sock = control_client.resolve_socket(args.socket, file)
+    hint = "" if args.socket else control_client.not_running_hint(
+        file, _chosen_by(args), args.command)
     if args.command == "status":
-        return control_client.status(sock, args.json)
+        return control_client.status(sock, args.json, hint=hint)
     if args.command == "restart":
-        return control_client.restart(sock, args.gpu)
+        return control_client.restart(sock, args.gpu, hint)
     if args.command == "drain":
-        return control_client.drain(sock, args.gpu)
-    return control_client.reload(sock)
+        return control_client.drain(sock, args.gpu, hint)
+    return control_client.reload(sock, hint)
+
+
+def _chosen_by(args: argparse.Namespace) -> str:
+    """Why this config file, in the words of :func:`mpsd.config.config_path`."""
+    if args.config:
+        return "given with -c"
+    if os.environ.get("MPSD_CONFIG"):
+        return "from $MPSD_CONFIG"
+    return "the default: no -c, $MPSD_CONFIG not set"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 
 `load_config` is the only way in: it parses, merges ``[defaults]`` into every engine, validates
 with ``extra="forbid"`` and turns the first problem into a :class:`ConfigError` that names the
-file, the TOML key and the fix. Host-dependent values (GPU UUIDs, physical memory, cores) are
-resolved later by :mod:`mpsd.plan.build`; this module checks only what the file alone can tell.
+file, the TOML key and the fix. Relative paths in a file are relative to the file's directory
+(as in nginx), so a config means the same daemon whatever the current directory of ``mpsd run``
+or of the ``mpsd status`` that looks for it. Host-dependent values (GPU UUIDs, physical memory,
+cores) are resolved later by :mod:`mpsd.plan.build`; this module checks only what the file alone
+can tell.
 """
 
 from __future__ import annotations
@@ -274,8 +277,49 @@ def config_path(explicit: str | None) -> str:
     return explicit or os.environ.get("MPSD_CONFIG") or DEFAULT_CONFIG_PATH
 
 
+def relative_to_file(value: str | os.PathLike[str], file: str | os.PathLike[str]) -> Path:
+    """A path written in ``file``: relative ones are taken from the file's directory (and
+    ``..`` folded, so that plans and messages show ``/srv/.mpsd``, not ``/srv/etc/../.mpsd``)."""
+    return Path(os.path.normpath(Path(file).absolute().parent / value))
+
+
+def _command_path(value: str, file: str) -> str:
+    """An executable as a shell takes it: a bare name is looked up on PATH, a path is a path."""
+    return str(relative_to_file(value, file)) if "/" in value else value
+
+
+def _anchor_engine(engine: EngineConfig, file: str) -> EngineConfig:
+    changes: dict[str, Any] = {"executable": _command_path(engine.executable, file)}
+    if engine.command:
+        changes["command"] = [_command_path(engine.command[0], file), *engine.command[1:]]
+    local_model = relative_to_file(engine.model, file)
+    if not Path(engine.model).is_absolute() and local_model.exists():
+        # a model directory beside the config; clients keep asking for the name as written
+        changes.update(model=str(local_model), served_model_name=engine.served_name)
+    return engine.model_copy(update=changes)
+
+
+def anchor_paths(config: Config, file: str) -> Config:
+    """``config`` with its relative paths made absolute from ``file``'s directory: state and
+    log dirs, the API key file, executables written as paths, and a model directory that
+    exists there (a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` stays as it is)."""
+    daemon = config.daemon.model_copy(update={
+        "state_dir": relative_to_file(config.daemon.state_dir, file),
+        "log_dir": relative_to_file(config.daemon.log_dir, file)})
+    proxy = config.proxy
+    if proxy.api_keys_file:
+        proxy = proxy.model_copy(update={
+            "api_keys_file": str(relative_to_file(proxy.api_keys_file, file))})
+    mps = config.mps.model_copy(update={
+        "control_binary": _command_path(config.mps.control_binary, file)})
+    gpus = [gpu.model_copy(update={"engine": [_anchor_engine(e, file) for e in gpu.engine]})
+            for gpu in config.gpu]
+    return config.model_copy(update={"daemon": daemon, "proxy": proxy, "mps": mps, "gpu": gpus})
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read, merge ``[defaults]`` and validate; raise :class:`ConfigError` on the first problem."""
+    """Read, merge ``[defaults]``, validate and anchor relative paths at the file's directory;
+    raise :class:`ConfigError` on the first problem."""
     file = str(path)
     try:
         raw = tomllib.loads(Path(file).read_text(encoding="utf-8"))
@@ -288,7 +332,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"it is not valid TOML ({exc})",
                           "correct the syntax at that line") from None
-    return parse_config(raw, file)
+    return anchor_paths(parse_config(raw, file), file)
 
 
 def parse_config(raw: dict[str, Any], file: str = "<config>") -> Config:

@@ -33,7 +33,15 @@ _CONNECT_TIMEOUT_S = 5.0
 
 
 class ControlUnavailable(Exception):
-    """The daemon cannot be reached; the message is what the operator should read."""
+    """The daemon cannot be reached; the message is what the operator should read.
+
+    ``not_running`` when nothing listens there at all (rather than a daemon that refused or
+    hung): then the socket may simply be the wrong one.
+    """
+
+    def __init__(self, message: str, not_running: bool = False) -> None:
+        super().__init__(message)
+        self.not_running = not_running
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -42,7 +50,8 @@ def socket_path(state_dir: Path) -> Path:
 
 
 def resolve_socket(explicit: str | None, config_file: str) -> Path:
-    """The socket for a CLI call: ``--socket``, else the config's ``[daemon] state_dir``.
+    """The socket for a CLI call: ``--socket``, else the config's ``[daemon] state_dir``
+    (a relative one taken from the config file's directory, as ``mpsd run`` takes it).
 
     Only ``state_dir`` is read, without validating the rest of the file: ``mpsd status`` must
     keep working while the file holds an edit that is not valid yet (the running daemon still
@@ -51,7 +60,7 @@ def resolve_socket(explicit: str | None, config_file: str) -> Path:
     """
     if explicit:
         return Path(explicit)
-    from mpsd.config import DaemonConfig  # noqa: PLC0415 - pydantic only when needed
+    from mpsd.config import DaemonConfig, relative_to_file  # noqa: PLC0415 - pydantic on demand
 
     state_dir = DaemonConfig.model_fields["state_dir"].default
     try:
@@ -60,8 +69,17 @@ def resolve_socket(explicit: str | None, config_file: str) -> Path:
         return socket_path(Path(state_dir))
     daemon = raw.get("daemon")
     if isinstance(daemon, dict) and isinstance(daemon.get("state_dir"), str):
-        state_dir = daemon["state_dir"]
+        state_dir = relative_to_file(daemon["state_dir"], config_file)
     return socket_path(Path(state_dir))
+
+
+def not_running_hint(config_file: str, chosen_by: str, command: str) -> str:
+    """What to tell an operator whose daemon was not found through ``config_file``:
+    which config was read, why that one, and how to point the CLI elsewhere."""
+    missing = "; the file does not exist" if not Path(config_file).exists() else ""
+    return (f"  tried: [daemon] state_dir of {config_file} ({chosen_by}{missing})\n"
+            f"  a daemon started with another config: mpsd {command} -c FILE, "
+            "or export MPSD_CONFIG=FILE, or --socket PATH")
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -93,10 +111,10 @@ def request(path: Path, method: str, url: str,
         resp = conn.getresponse()
         raw = resp.read()
     except FileNotFoundError:
-        raise ControlUnavailable(f"mpsd is not running (no socket at {path})") from None
+        raise ControlUnavailable(f"mpsd is not running (no socket at {path})", True) from None
     except ConnectionRefusedError:
         raise ControlUnavailable(
-            f"mpsd is not running (nothing answers on {path}; a stale socket)") from None
+            f"mpsd is not running (nothing answers on {path}; a stale socket)", True) from None
     except PermissionError:
         raise ControlUnavailable(
             f"cannot open {path}: permission denied (are you in group mpsd? try sudo)"
@@ -123,21 +141,23 @@ def _fail(message: str) -> int:
     return ExitCode.FAILURE
 
 
-def _call(path: Path, method: str, url: str,
-          timeout: float | None) -> tuple[int, dict[str, Any]] | None:
+def _call(path: Path, method: str, url: str, timeout: float | None,
+          hint: str) -> tuple[int, dict[str, Any]] | None:
     try:
         return request(path, method, url, timeout)
     except ControlUnavailable as exc:
-        _fail(str(exc))
+        _fail(f"{exc}\n{hint}" if hint and exc.not_running else str(exc))
         return None
 
 
-def status(socket_path: Path, as_json: bool = False, color: bool | None = None) -> int:
+def status(socket_path: Path, as_json: bool = False, color: bool | None = None,
+           hint: str = "") -> int:
     """``mpsd status [--json]``: the systemctl-like view, or the daemon's raw JSON.
 
-    ``color=None`` colours only on a terminal (and never with ``NO_COLOR`` set).
+    ``color=None`` colours only on a terminal (and never with ``NO_COLOR`` set). ``hint``
+    (see :func:`not_running_hint`), in every command here, follows "mpsd is not running".
     """
-    answer = _call(socket_path, "GET", "/status", STATUS_TIMEOUT_S)
+    answer = _call(socket_path, "GET", "/status", STATUS_TIMEOUT_S, hint)
     if answer is None:
         return ExitCode.FAILURE
     code, body = answer
@@ -152,9 +172,10 @@ def status(socket_path: Path, as_json: bool = False, color: bool | None = None) 
     return ExitCode.OK
 
 
-def _gpu_action(socket_path: Path, action: str, gpu: str) -> tuple[int, dict[str, Any]] | None:
+def _gpu_action(socket_path: Path, action: str, gpu: str,
+                hint: str) -> tuple[int, dict[str, Any]] | None:
     url = f"/gpus/{urllib.parse.quote(gpu, safe='')}/{action}"
-    answer = _call(socket_path, "POST", url, ACTION_TIMEOUT_S)
+    answer = _call(socket_path, "POST", url, ACTION_TIMEOUT_S, hint)
     if answer is None:
         return None
     code, body = answer
@@ -164,32 +185,32 @@ def _gpu_action(socket_path: Path, action: str, gpu: str) -> tuple[int, dict[str
     return answer
 
 
-def restart(socket_path: Path, gpu: str) -> int:
+def restart(socket_path: Path, gpu: str, hint: str = "") -> int:
     """``mpsd restart GPU``: a running GPU is stopped safely and started, a FAILED one forgets
     its crash history, a drained one starts again. Returns once the start has begun."""
     return _gpu_command(socket_path, "restart", gpu,
-                        "{key}: restarting; `mpsd status` shows when it is running again")
+                        "{key}: restarting; `mpsd status` shows when it is running again", hint)
 
 
-def drain(socket_path: Path, gpu: str) -> int:
+def drain(socket_path: Path, gpu: str, hint: str = "") -> int:
     """``mpsd drain GPU``: returns once the GPU's engines and MPS daemon have stopped."""
     return _gpu_command(socket_path, "drain", gpu,
-                        "{key}: drained and stopped; `mpsd restart {key}` starts it again")
+                        "{key}: drained and stopped; `mpsd restart {key}` starts it again", hint)
 
 
-def _gpu_command(socket_path: Path, action: str, gpu: str, done: str) -> int:
+def _gpu_command(socket_path: Path, action: str, gpu: str, done: str, hint: str) -> int:
     """Run ``action`` on ``gpu``; print ``done`` (with the group's key) and return the code."""
-    answer = _gpu_action(socket_path, action, gpu)
+    answer = _gpu_action(socket_path, action, gpu, hint)
     if answer is None:
         return ExitCode.FAILURE
     print(done.format(key=answer[1].get("gpu", gpu)))
     return ExitCode.OK
 
 
-def reload(socket_path: Path) -> int:
+def reload(socket_path: Path, hint: str = "") -> int:
     """``mpsd reload``: the daemon rereads its config; groups whose plan did not change keep
     serving. A rejected config leaves the old one running, and says why."""
-    answer = _call(socket_path, "POST", "/reload", ACTION_TIMEOUT_S)
+    answer = _call(socket_path, "POST", "/reload", ACTION_TIMEOUT_S, hint)
     if answer is None:
         return ExitCode.FAILURE
     code, body = answer

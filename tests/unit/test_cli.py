@@ -111,3 +111,17 @@ def test_check_config_prints_only_its_report() -> None:
                          check=True, cwd=REPO)
     assert out.stdout.startswith("MPS: ")
     assert "{" not in out.stderr and "nvml_unavailable" not in out.stdout + out.stderr
+
+
+def test_a_daemon_not_found_names_the_config_and_how_to_point_elsewhere(workdir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MPSD_CONFIG"}
+    config = workdir / "etc" / "mpsd.toml"
+    for args, extra in (((), {}), (("-c", str(config)), {}), ((), {"MPSD_CONFIG": str(config)})):
+        out = subprocess.run([sys.executable, "-m", "mpsd", "drain", "gpu0", *args],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             cwd=REPO, env={**env, **extra})
+        assert out.returncode == 1
+        file = str(config) if args or extra else "/etc/mpsd/mpsd.toml"
+        why = "given with -c" if args else "from $MPSD_CONFIG" if extra else "the default"
+        assert f"tried: [daemon] state_dir of {file} ({why}" in out.stderr, out.stderr
+        assert "mpsd drain -c FILE, or export MPSD_CONFIG=FILE, or --socket PATH" in out.stderr

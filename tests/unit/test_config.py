@@ -97,3 +97,30 @@ def test_config_is_frozen() -> None:
     config: Config = parse_config(minimal())
     with pytest.raises(ValueError, match="frozen"):
         config.gpu[0].engine[0].replicas = 3  # type: ignore[misc]
+
+
+def test_relative_paths_are_taken_from_the_config_files_directory(tmp_path: Path) -> None:
+    conf = tmp_path / "etc" / "mpsd.toml"
+    (tmp_path / "etc" / "tiny").mkdir(parents=True)
+    conf.write_text('[daemon]\nstate_dir = "../run"\nlog_dir = "log"\n'
+                    '[proxy]\napi_keys_file = "keys"\n[mps]\ncontrol_binary = "./bin/mps"\n'
+                    '[defaults]\nexecutable = "../venv/bin/vllm"\n'
+                    '[[gpu]]\ndevice = "0"\n'
+                    '[[gpu.engine]]\nmodel = "tiny"\n'
+                    '[[gpu.engine]]\nmodel = "Qwen/Qwen2.5-0.5B-Instruct"\nexecutable = "vllm"\n'
+                    '[[gpu.engine]]\nmodel = "/models/x"\nkind = "command"\n'
+                    'command = ["./serve", "{port}"]\n')
+    config = load_config(conf)
+    assert config.daemon.state_dir == tmp_path / "run"
+    assert config.daemon.log_dir == tmp_path / "etc" / "log"
+    assert config.proxy.api_keys_file == str(tmp_path / "etc" / "keys")
+    assert config.mps.control_binary == str(tmp_path / "etc" / "bin" / "mps")
+    local, hub, command = config.gpu[0].engine
+    assert local.executable == str(tmp_path / "venv" / "bin" / "vllm")
+    assert local.model == str(tmp_path / "etc" / "tiny")
+    assert local.served_name == "tiny" and local.display_name == "tiny"  # as clients know it
+    assert hub.model == "Qwen/Qwen2.5-0.5B-Instruct" and hub.executable == "vllm"  # PATH lookup
+    assert command.command == [str(tmp_path / "etc" / "serve"), "{port}"]
+    assert command.model == "/models/x"
+    assert parse_config({"daemon": {"state_dir": "rel"}, "gpu": config.model_dump()["gpu"]}
+                        ).daemon.state_dir == Path("rel")  # only a file has a directory

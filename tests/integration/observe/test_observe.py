@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Mpsd, http, wait_until
+from tests.harness import REPO, Mpsd, http, wait_until
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -83,3 +84,20 @@ def test_status_cli_without_a_daemon_says_so(mpsd: Mpsd) -> None:
     out = cli(mpsd, "status")
     assert out.returncode == 1
     assert "not running" in out.stderr
+    assert f"state_dir of {mpsd.config_file} (given with -c)" in out.stderr
+
+
+def test_status_finds_a_daemon_with_relative_paths_from_anywhere(mpsd: Mpsd) -> None:
+    """`mpsd run` and `mpsd status` in different directories agree on a relative state_dir:
+    both take it from the config file's directory."""
+    mpsd.mps = "off"
+    mpsd.overrides = {"daemon": {"state_dir": "run", "log_dir": "log"}}
+    mpsd.start()  # in the repository
+    mpsd.wait_state("gpu0", "running")
+    env = {**os.environ, "MPSD_CONFIG": str(mpsd.config_file), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "mpsd", "status"], capture_output=True,
+                         text=True, timeout=60, check=False, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "gpu0/tiny-0" in out.stdout
+    assert (mpsd.workdir / "run" / "control.sock").is_socket()
+    assert mpsd.terminate() == 0

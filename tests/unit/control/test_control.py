@@ -351,6 +351,9 @@ def test_resolve_socket(tmp_path: Path) -> None:
     assert control_client.resolve_socket(None, str(file)) == Path("/srv/mpsd/control.sock")
     assert control_client.resolve_socket(None, str(tmp_path / "missing.toml")) == Path(
         "/run/mpsd/control.sock")
+    file.write_text('[daemon]\nstate_dir = "../run"\n')  # from the file's directory
+    expected = tmp_path.parent / "run" / "control.sock"
+    assert control_client.resolve_socket(None, str(file)) == expected
 
 
 # -- rendering (pure) ------------------------------------------------------------------------
