@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from mpsd.errors import MpsdError
+from mpsd.status import BackendStatus
 
 RETRY_AFTER_SATURATED_S = 1
 RETRY_AFTER_NOT_READY_S = 5
@@ -54,7 +55,7 @@ class Backend:
     connect_failures: int = 0
     _idle: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> BackendStatus:
         return {
             "key": self.key,
             "gpu": self.gpu,
@@ -213,7 +214,7 @@ class BackendPool:
         """Models with at least one backend registered, routable or not (sorted)."""
         return sorted(self._by_model)
 
-    def snapshot(self) -> list[dict[str, object]]:
+    def snapshot(self) -> list[BackendStatus]:
         return [b.as_dict() for b in self._all]
 
     def model_count(self) -> int:

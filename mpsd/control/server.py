@@ -28,7 +28,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -200,7 +200,7 @@ async def _json_errors(request: web.Request,
         return _json({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, status=500)
 
 
-def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+def _json(body: Mapping[str, Any], status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=_dumps)
 
 

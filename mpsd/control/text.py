@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from mpsd.plan.cpus import cpu_list
+from mpsd.status import DaemonStatus
 
 DOT = "\u25cf"
 HISTORY_SHOWN = 5
@@ -194,8 +195,10 @@ def _group(group: Mapping[str, Any], paint: _Paint, now: float) -> list[str]:
     return lines
 
 
-def render(status: Mapping[str, Any], color: bool = False, now: float | None = None) -> str:
-    """The whole ``mpsd status`` text (no trailing newline)."""
+def render(status: DaemonStatus | Mapping[str, Any], color: bool = False,
+           now: float | None = None) -> str:
+    """The whole ``mpsd status`` text (no trailing newline). Read defensively: the document
+    comes over a socket from a daemon that may be older or newer than this command."""
     paint = _Paint(color)
     now = time.time() if now is None else now
     groups = [g for g in status.get("groups", []) if isinstance(g, Mapping)]

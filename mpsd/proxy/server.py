@@ -42,6 +42,7 @@ from mpsd.proxy.front import FrontConnection, Request
 from mpsd.proxy.relay import Exchange
 from mpsd.proxy.request import authorized, load_api_keys, model_of, upstream_request
 from mpsd.proxy.upstream import UpstreamConnectError, UpstreamConnection, UpstreamPool
+from mpsd.status import DaemonStatus, ProxyStatus
 
 log = structlog.get_logger("mpsd.proxy")
 
@@ -85,7 +86,7 @@ class ProxyServer:
     _loop: asyncio.AbstractEventLoop  # set by start()
 
     def __init__(self, config: ProxyConfig, pool: BackendPool,
-                 status: Callable[[], dict[str, Any]],
+                 status: Callable[[], DaemonStatus],
                  observer: RequestObserver) -> None:
         self._config = config
         self._pool = pool
@@ -304,7 +305,7 @@ class ProxyServer:
         code = 200 if self._pool.routable_count() else 503
         conn.respond(code, b"", keep_alive=request.keep_alive)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ProxyStatus:
         """What ``GET /mpsd/status`` answers: the daemon's status plus engines and in-flight."""
         return {**self._status(), "engines": self._pool.snapshot(),
                 "inflight": self._pool.inflight_total(), "queued": self._pool.queued(),

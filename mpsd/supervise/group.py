@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import anyio
@@ -27,6 +27,7 @@ from mpsd.config import MpsConfig, RestartConfig
 from mpsd.errors import HealthCheckFailed, MemberExited, MpsCommandError, SpawnError, StartupTimeout
 from mpsd.plan.build import EnginePlan, GroupPlan
 from mpsd.pool import Backend, BackendPool
+from mpsd.status import HistoryEntry
 from mpsd.supervise.engine import Engine
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.mps_log import MpsLogEvent, MpsLogKind
@@ -83,7 +84,7 @@ class GpuGroup:
         self.reason = ""
         self.engines: dict[str, Engine] = {}
         self.mps: MpsDaemon | None = None
-        self.history: deque[dict[str, Any]] = deque(maxlen=50)
+        self.history: deque[HistoryEntry] = deque(maxlen=50)
         r = options.restart
         self.budget = RestartBudget(r.max_restarts, r.window_s, r.stable_after_s,
                                     r.backoff_initial_s, r.backoff_max_s)

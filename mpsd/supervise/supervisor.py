@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import anyio
@@ -22,6 +21,7 @@ from mpsd import logs
 from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import GroupPlan, Plan
 from mpsd.pool import BackendPool
+from mpsd.status import BackendStatus, DaemonStatus, GroupStatus
 from mpsd.supervise.group import Fault, GpuGroup, GroupObserver, GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.xids import HARDWARE_XIDS, classify_xid
@@ -225,9 +225,9 @@ class Supervisor:
             line += "; " + "; ".join(f"{g.key} FAILED: {g.reason}" for g in failed)
         return line
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
         """Everything ``mpsd status`` and ``/mpsd/status`` show."""
-        backends = {str(b["key"]): b for b in self.pool.snapshot()}
+        backends = {b["key"]: b for b in self.pool.snapshot()}
         return {
             "status": self.status_line(),
             "mps": {"enabled": self.plan.mps_enabled, "reason": self.plan.mps_reason},
@@ -244,7 +244,7 @@ def _mps_identity(options: GroupOptions) -> tuple[str, dict[str, str]]:
     return options.mps.control_binary, dict(options.mps.env)
 
 
-def _group_view(group: GpuGroup, backends: dict[str, dict[str, object]]) -> dict[str, Any]:
+def _group_view(group: GpuGroup, backends: dict[str, BackendStatus]) -> GroupStatus:
     mps = group.mps
     return {
         "gpu": group.key,
@@ -267,8 +267,8 @@ def _group_view(group: GpuGroup, backends: dict[str, dict[str, object]]) -> dict
                 "port": e.port,
                 "pid": group.engines[e.key].pid if e.key in group.engines else None,
                 "cpus": list(e.cpus or ()),
-                "ready": bool(backends.get(e.key, {}).get("routable")),
-                "inflight": backends.get(e.key, {}).get("inflight", 0),
+                "ready": e.key in backends and backends[e.key]["routable"],
+                "inflight": backends[e.key]["inflight"] if e.key in backends else 0,
             }
             for e in group.plan.engines
         ],

@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import aiohttp
 import pytest
@@ -18,6 +18,7 @@ from aiohttp import web
 
 from mpsd.config import ProxyConfig
 from mpsd.proxy.server import ProxyServer
+from mpsd.status import BackendStatus, DaemonStatus, ProxyStatus
 from tests.harness import free_ports, until
 from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_proxy, sse_events
 
@@ -363,6 +364,9 @@ class TestLocalEndpoints:
                 assert doc["groups"] == [{"gpu": "gpu0", "state": "RUNNING"}]
                 assert {e["key"] for e in doc["engines"]} == {"gpu0/a", "gpu1/b"}
                 assert doc["inflight"] == 0
+                pool_part = get_type_hints(ProxyStatus).keys() - get_type_hints(DaemonStatus).keys()
+                assert pool_part <= doc.keys()  # the pool's part of the typed contract
+                assert all(e.keys() == get_type_hints(BackendStatus).keys() for e in doc["engines"])
             async with session.get(f"{base}/metrics") as resp:
                 assert resp.status == 200 and await resp.text() == "mpsd_up 1\n"
                 assert resp.headers["Connection"] == "close"

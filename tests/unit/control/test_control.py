@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mutabl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import aiohttp
 import anyio
@@ -33,6 +33,7 @@ from mpsd.control.text import ago, clean, render
 from mpsd.plan.build import HostFacts, build_plan
 from mpsd.plan.cpus import cpu_list
 from mpsd.pool import BackendPool
+from mpsd.status import DaemonStatus, EngineStatus, GroupStatus
 from mpsd.supervise.group import GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
@@ -143,6 +144,10 @@ async def test_status_json_text_and_colours(workdir: Path,
         (engine,) = group["engines"]
         assert engine["key"] == ENGINE and engine["ready"] is True
         assert engine["pid"] == engine_pid(d.sup) and engine["pid"] is not None
+        # the served document is exactly the typed contract (mpsd/status.py)
+        assert body.keys() == get_type_hints(DaemonStatus).keys()
+        assert group.keys() == get_type_hints(GroupStatus).keys()
+        assert engine.keys() == get_type_hints(EngineStatus).keys()
 
         assert await call(control_client.status, d.sock, False, False) == 0
         text = capsys.readouterr().out

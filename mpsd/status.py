@@ -1,0 +1,93 @@
+"""The status document: one typed contract for every view of a running mpsd.
+
+The supervisor builds :class:`DaemonStatus`; the control socket serves it as ``GET /status``
+(what ``mpsd status`` renders as text and ``--json`` prints); the proxy serves it, plus the
+pool's view of every engine, as ``GET /mpsd/status`` (:class:`ProxyStatus`), which the status
+page at ``/mpsd/`` polls. Keys are only ever added: readers of an older or newer daemon treat
+a missing key as unknown, never as an error. Pure data, no I/O: every layer may import it.
+"""
+
+from __future__ import annotations
+
+from typing import NotRequired, TypedDict
+
+
+class MpsMode(TypedDict):
+    """Whether MPS is on for this host, and why (``mps.enabled = "auto"`` decides per host)."""
+
+    enabled: bool
+    reason: str
+
+
+class GroupMps(TypedDict):
+    """A group's MPS control daemon: its PID, pipe directory and the settings read back."""
+
+    pid: int | None
+    pipe_dir: str
+    applied: dict[str, str]
+
+
+class EngineStatus(TypedDict):
+    """One planned engine as its group sees it."""
+
+    key: str
+    model: str
+    port: int
+    pid: int | None
+    cpus: list[int]
+    ready: bool
+    inflight: int
+
+
+class HistoryEntry(TypedDict):
+    """One fault or restart of a group (newest last, at most 50 kept)."""
+
+    at: float
+    signal: str
+    reason: str
+    engine: NotRequired[str]
+
+
+class GroupStatus(TypedDict):
+    """One GPU: its state, why it is in it, its MPS daemon, engines and recent faults."""
+
+    gpu: str
+    device: str
+    uuid: str
+    state: str
+    since: float
+    reason: str
+    restarts_in_window: int
+    history: list[HistoryEntry]
+    mps: GroupMps | None
+    engines: list[EngineStatus]
+
+
+class DaemonStatus(TypedDict):
+    """``GET /status`` on the control socket: the status line, MPS mode and every group."""
+
+    status: str
+    mps: MpsMode
+    groups: list[GroupStatus]
+
+
+class BackendStatus(TypedDict):
+    """One engine as the pool (and so the proxy) sees it."""
+
+    key: str
+    gpu: str
+    model: str
+    url: str
+    routable: bool
+    inflight: int
+    requests: int
+    connect_failures: int
+
+
+class ProxyStatus(DaemonStatus):
+    """``GET /mpsd/status`` on the proxy port: the daemon's status plus the pool's view."""
+
+    engines: list[BackendStatus]
+    inflight: int
+    queued: int
+    routable: int
