@@ -42,9 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show GPUs, engines and faults of the running daemon")
     status.add_argument("--json", action="store_true", help="print the raw status JSON")
     restart = sub.add_parser("restart", help="restart one GPU (clears FAILED)")
-    drain = sub.add_parser("drain", help="drain and stop one GPU until `mpsd restart GPU`")
-    for p in (restart, drain):
-        p.add_argument("gpu", metavar="GPU", help="gpu0, a device index or a UUID")
+    drain = sub.add_parser("drain", help="drain and stop one GPU (or --all) until "
+                           "`mpsd restart GPU`")
+    restart.add_argument("gpu", metavar="GPU", help="gpu0, a device index or a UUID")
+    drain.add_argument("gpu", metavar="GPU", nargs="?", help="gpu0, a device index or a UUID")
+    drain.add_argument("--all", action="store_true", help="the whole node: /health 503 first, "
+                       "requests served for proxy.unready_grace_s, then every GPU")
     reload = sub.add_parser("reload", help="re-read the config and apply it (like SIGHUP)")
     for p in (status, restart, drain, reload):
         p.add_argument("-c", "--config", help="config file, to find daemon.state_dir")
@@ -60,6 +63,8 @@ def _control(args: argparse.Namespace, file: str) -> int:
         return control_client.status(sock, args.json, hint=hint)
     if args.command == "restart":
         return control_client.restart(sock, args.gpu, hint)
+    if args.command == "drain" and args.all:
+        return control_client.drain_all(sock, hint)
     if args.command == "drain":
         return control_client.drain(sock, args.gpu, hint)
     return control_client.reload(sock, hint)
@@ -102,7 +107,10 @@ def _silence_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "drain" and (args.all == (args.gpu is not None)):
+        parser.error("drain: give a GPU or --all (not both)")
     file = config_path(args.config)
     if args.command in ("status", "restart", "drain", "reload"):
         return _control(args, file)

@@ -2,8 +2,10 @@
 
 Start: facts about the host → plan → reap a previous run's leftovers → proxy listening →
 control socket → groups (MPS, then engines) → ``READY=1`` once every group is RUNNING or
-FAILED. Stop (SIGTERM/SIGINT): ``STOPPING=1``, groups drain and stop their engines, then
-their MPS daemons, then the control socket and the proxy close. SIGHUP (and ``mpsd reload``)
+FAILED. Stop (SIGTERM/SIGINT): ``STOPPING=1`` and readiness (``/health``) 503 while requests
+are still served for ``proxy.unready_grace_s`` (a load balancer notices meanwhile; a second
+signal cuts it short), then groups drain and stop their engines, then their MPS daemons, then
+the control socket and the proxy close. SIGHUP (and ``mpsd reload``)
 re-plans the file and applies it by diff; a bad file keeps the old config serving. Signals are
 handled here and nowhere else.
 """
@@ -58,6 +60,9 @@ class Daemon:
         self.proxy = proxy
         self.notifier = notifier
         self._reload_lock = anyio.Lock()
+        self._stopping = False
+        self._unready_at: float | None = None
+        self._hurry = anyio.Event()
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the file and apply it; on any config error keep serving the old one."""
@@ -87,10 +92,56 @@ class Daemon:
                     _log.info("signal_received", signal=signal.Signals(signum).name)
                     if signum == signal.SIGHUP:
                         tg.start_soon(self.reload)
-                        continue
-                    self.notifier.stopping("stopping: draining engines")
-                    self.proxy.refuse_new()
-                    self.supervisor.stop()
+                    elif self._stopping:  # a second SIGTERM/SIGINT: no more grace
+                        self._hurry.set()
+                    else:
+                        self._stopping = True
+                        tg.start_soon(self._stop)
+
+    async def _stop(self) -> None:
+        """Leave the balancer's rotation, then refuse new requests and stop every group."""
+        self.notifier.stopping("stopping")
+        await self._leave_rotation("stopping")
+        self.notifier.status("stopping: draining engines")
+        self.proxy.refuse_new()
+        self.supervisor.stop()
+
+    async def _leave_rotation(self, why: str) -> None:
+        """Readiness 503 now; keep serving every request until ``unready_grace_s`` has passed
+        since it turned 503 (a balancer's health checks need that long to notice), unless no
+        engine is routable anyway or a second signal says hurry."""
+        grace = self.config.proxy.unready_grace_s
+        if self._unready_at is None:
+            self._unready_at = anyio.current_time()
+            self.proxy.set_ready(False)
+            _log.info("readiness_off", reason=why, grace_s=grace)
+        if not self.supervisor.pool.routable_count():
+            return
+        self.notifier.status(f"{why}: not ready, still serving for {grace:g} s")
+        with anyio.move_on_after(self._unready_at + grace - anyio.current_time()):
+            await self._hurry.wait()
+
+    async def drain_all(self) -> dict[str, Any]:
+        """``mpsd drain --all``: leave the rotation (as SIGTERM does), then drain and stop every
+        GPU. The daemon keeps running, alive and not ready; ``mpsd restart GPU`` brings a GPU
+        back, and readiness follows its engines again."""
+        await self._leave_rotation("drain --all")
+        gpus = list(self.supervisor.groups)
+        async with anyio.create_task_group() as tg:
+            for key in gpus:
+                tg.start_soon(self.supervisor.drain_group, key)
+        if not self._stopping:
+            self._unready_at = None
+            self.proxy.set_ready(True)  # nothing is routable now: /health stays 503
+            self.notifier.status(self.supervisor.status_line())
+        _log.info("drained_all", gpus=gpus)
+        return {"ok": True, "gpus": gpus}
+
+    def alive(self) -> bool:
+        """Liveness (``/livez``): the supervisor's tasks run, or the daemon is stopping on
+        purpose. A FAILED GPU leaves it alive (restarting mpsd would not mend the GPU); a
+        stuck event loop does not answer at all."""
+        return self._stopping or self.supervisor.alive()
 
     async def announce_ready(self) -> None:
         """``EXTEND_TIMEOUT_USEC`` while engines load, ``READY=1`` once every group settled."""
@@ -145,14 +196,16 @@ async def run(file: str) -> ExitCode:
         session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         supervisor = Supervisor(plan, options, pool, session,
                                 observers=[metrics], on_status=notifier.status)
-        proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics)
+        proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics,
+                            alive=lambda: daemon.alive())  # noqa: PLW0108 - made below
         proxy.add_route("GET", "/metrics", metrics_handler(metrics))
         proxy.add_route("GET", "/mpsd/", status_page_handler)
         daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()
         stack.push_async_callback(lambda: proxy.stop(daemon.config.proxy.drain_timeout_s))
         _log.info("proxy_listening", listen=config.proxy.listen)
-        control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload)
+        control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload,
+                                drain_all=daemon.drain_all)
         await control.start()
         stack.push_async_callback(control.stop)
         xids = await _watch_xids(plan, supervisor)

@@ -160,7 +160,9 @@ class Mpsd:
             "daemon": {"state_dir": str(self.workdir / "run"), "log_dir": str(self.workdir / "log"),
                        "log_format": "json", "log_level": "debug",
                        "engine_port_base": self.engine_port_base, "metrics_interval_s": 1.0},
-            "proxy": {"listen": f"127.0.0.1:{self.port}", "drain_timeout_s": 2.0},
+            # no balancer in front: stop without the grace that lets one notice (multinode/)
+            "proxy": {"listen": f"127.0.0.1:{self.port}", "drain_timeout_s": 2.0,
+                      "unready_grace_s": 0.0},
             "mps": {"enabled": self.mps, "control_binary": str(FAKE_MPS),
                     "recover_timeout_s": 3.0, "status_interval_s": 0.5,
                     "env": {"FAKE_MPS_EVENTS": str(self.mps_events)}},

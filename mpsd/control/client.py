@@ -198,6 +198,22 @@ def drain(socket_path: Path, gpu: str, hint: str = "") -> int:
                         "{key}: drained and stopped; `mpsd restart {key}` starts it again", hint)
 
 
+def drain_all(socket_path: Path, hint: str = "") -> int:
+    """``mpsd drain --all``: readiness (``/health``) turns 503 at once, requests are still
+    served for ``proxy.unready_grace_s`` so that a load balancer notices, then every GPU drains
+    and stops. Returns once all are stopped; the daemon keeps running."""
+    answer = _call(socket_path, "POST", "/drain", ACTION_TIMEOUT_S, hint)
+    if answer is None:
+        return ExitCode.FAILURE
+    code, body = answer
+    if code != 200 or not body.get("ok", False):
+        return _fail(f"drain --all: {body.get('error', f'HTTP {code}')}")
+    gpus = ", ".join(map(str, body.get("gpus", [])))
+    print(f"{gpus}: drained and stopped; the node is out of rotation "
+          "(`mpsd restart GPU` starts one again)")
+    return ExitCode.OK
+
+
 def _gpu_command(socket_path: Path, action: str, gpu: str, done: str, hint: str) -> int:
     """Run ``action`` on ``gpu``; print ``done`` (with the group's key) and return the code."""
     answer = _gpu_action(socket_path, action, gpu, hint)

@@ -10,6 +10,7 @@ Routes (every answer is a JSON object; errors are ``{"error": "..."}``):
 ``GET /status``               ``Supervisor.status()``
 ``POST /gpus/{gpu}/restart``  restart one GPU (returns once the new start has begun)
 ``POST /gpus/{gpu}/drain``    drain and stop one GPU (returns once it is stopped)
+``POST /drain``               the whole node: readiness off, the grace period, then every GPU
 ``POST /reload``              reread the config, apply it by diff
 
 Commands that change state run one at a time, in a task of their own that outlives the
@@ -59,10 +60,11 @@ class ControlServer:
     """Serves the control API for one :class:`Supervisor` on a unix socket."""
 
     def __init__(self, path: Path, supervisor: Supervisor, reload: Reload, *,
-                 group: str = SOCKET_GROUP) -> None:
+                 drain_all: Reload | None = None, group: str = SOCKET_GROUP) -> None:
         self.path = path
         self._supervisor = supervisor
         self._reload = reload
+        self._drain_all = drain_all
         self._group = group
         self._lock = anyio.Lock()
         self._orphans: set[asyncio.Task[Any]] = set()
@@ -73,6 +75,8 @@ class ControlServer:
         app.router.add_post("/gpus/{gpu}/restart", self._restart)
         app.router.add_post("/gpus/{gpu}/drain", self._drain)
         app.router.add_post("/reload", self._reload_config)
+        if drain_all is not None:
+            app.router.add_post("/drain", self._drain_node)
         self._app = app
 
     async def start(self) -> None:
@@ -158,6 +162,11 @@ class ControlServer:
         _log.info("control_command", action="reload", **_peer(request))
         result = await self._serialised(self._reload)
         return _json(result, status=200 if result.get("ok", True) else 422)
+
+    async def _drain_node(self, request: web.Request) -> web.Response:
+        assert self._drain_all is not None  # the route exists only with it
+        _log.info("control_command", action="drain --all", **_peer(request))
+        return _json(await self._serialised(self._drain_all))
 
     async def _serialised(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` after the commands before it, to completion even if the request is

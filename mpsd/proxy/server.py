@@ -15,7 +15,9 @@ end to end):
   gone — which aborts the engine connection, so vLLM aborts the request) it releases the lease
   once and calls :meth:`ProxyServer._ended`, the one place a request is recorded and finished.
 
-``/health``, ``/ping``, ``/v1/models`` and ``/mpsd/status`` are answered here. Everything else
+``/health`` (readiness: 200 while the node wants new requests), ``/livez`` (liveness: 200
+while the daemon's own tasks are alive), ``/ping``, ``/v1/models`` and ``/mpsd/status`` are
+answered here. Everything else
 (``/metrics``, ``/mpsd/…`` pages another module mounts with :meth:`ProxyServer.add_route`) goes
 to aiohttp's low-level server (``handler_cancellation=True``, no access log), which takes the
 connection over for that request and closes it afterwards.
@@ -50,7 +52,7 @@ RouteHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 _FORWARDED = frozenset({b"/tokenize", b"/detokenize", b"/pooling", b"/classify", b"/score",
                         b"/rerank", b"/invocations"})
-_LOCAL = frozenset({b"/health", b"/ping", b"/mpsd/status"})
+_LOCAL = frozenset({b"/health", b"/livez", b"/ping", b"/mpsd/status"})
 _HOUSEKEEPING_S = 1.0
 _CLIENT_IDLE_S = 75.0
 _CLIENT_HEAD_S = 30.0
@@ -87,8 +89,10 @@ class ProxyServer:
 
     def __init__(self, config: ProxyConfig, pool: BackendPool,
                  status: Callable[[], DaemonStatus],
-                 observer: RequestObserver) -> None:
+                 observer: RequestObserver, *,
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self._config = config
+        self._alive = alive
         self._pool = pool
         self._status = status
         self._observer = observer
@@ -103,6 +107,7 @@ class ProxyServer:
         self._idle = asyncio.Event()
         self._draining = False
         self._refusing = False
+        self._ready = True
         self._last_sweep = 0.0
         self._stopping: asyncio.Future[None] | None = None
         self._port = config.port
@@ -174,6 +179,12 @@ class ProxyServer:
         """Shutdown began: new ``/v1`` requests get 503 + Retry-After (not the 404 an emptied
         pool would give), requests in flight go on while the engines drain."""
         self._refusing = True
+
+    def set_ready(self, ready: bool) -> None:
+        """Readiness for a load balancer: ``False`` turns ``/health`` 503 while every request
+        is still served (SIGTERM and ``mpsd drain --all`` leave the rotation this way first,
+        so that the balancer's checks notice before anything is refused)."""
+        self._ready = ready
 
     def apply(self, config: ProxyConfig) -> None:
         """Live reload: timeouts, body limit, keys, cap, connection limit (not ``listen``)."""
@@ -302,8 +313,11 @@ class ProxyServer:
             conn.respond(200, body, keep_alive=request.keep_alive,
                          head_only=request.method == b"HEAD")
             return
-        code = 200 if self._pool.routable_count() else 503
-        conn.respond(code, b"", keep_alive=request.keep_alive)
+        if request.path == b"/livez":
+            ok = self._alive()
+        else:
+            ok = self._ready and not self._refusing and self._pool.routable_count() > 0
+        conn.respond(200 if ok else 503, b"", keep_alive=request.keep_alive)
 
     def status(self) -> ProxyStatus:
         """What ``GET /mpsd/status`` answers: the daemon's status plus engines and in-flight."""
