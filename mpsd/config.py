@@ -75,6 +75,17 @@ class ProxyConfig(_Frozen):
     unready_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
     max_inflight_per_engine: Annotated[int, Field(ge=0)] = 0
     max_connections: Annotated[int, Field(gt=0)] = 8192
+    max_request_line_bytes: Annotated[int, Field(ge=64)] = 8192
+    max_header_line_bytes: Annotated[int, Field(ge=64)] = 16384
+    max_head_bytes: Annotated[int, Field(ge=256)] = 65536
+    max_headers: Annotated[int, Field(gt=0)] = 100
+    max_trailer_bytes: Annotated[int, Field(ge=0)] = 8192
+    max_trailers: Annotated[int, Field(ge=0)] = 32
+    head_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
+    max_client_connections: Annotated[int, Field(ge=0)] = 0
+    reserved_fds: Annotated[int, Field(ge=0)] = 1024
 
     @field_validator("listen")
     @classmethod
@@ -83,6 +94,14 @@ class ProxyConfig(_Frozen):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port; write e.g. \"127.0.0.1:8000\"")
         return value
+
+    @model_validator(mode="after")
+    def _head_limits_fit(self) -> ProxyConfig:
+        for key in ("max_request_line_bytes", "max_header_line_bytes"):
+            if getattr(self, key) > self.max_head_bytes:
+                raise ValueError(f"{key} ({getattr(self, key)}) is larger than max_head_bytes "
+                                 f"({self.max_head_bytes}); a line is part of the head")
+        return self
 
     @property
     def host(self) -> str:

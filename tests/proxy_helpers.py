@@ -188,6 +188,9 @@ class Recorder:
     def __init__(self) -> None:
         self.done: list[tuple[str | None, str | None, int]] = []
         self.waits: list[float] = []
+        self.rejected: list[int] = []
+        self.connections = 0
+        self.refused = 0
 
     def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None:
@@ -195,6 +198,15 @@ class Recorder:
 
     def queue_wait(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+    def request_rejected(self, status: int) -> None:
+        self.rejected.append(status)
+
+    def connections_changed(self, opened: int) -> None:
+        self.connections += opened
+
+    def connection_refused(self) -> None:
+        self.refused += 1
 
 
 @contextlib.asynccontextmanager

@@ -30,6 +30,7 @@ from mpsd.host import nvml
 from mpsd.host.nvml import GpuSample
 from mpsd.observe.poll import Poller, Snapshot
 from mpsd.pool import BackendPool
+from mpsd.proxy.errors import rejection_reason
 from mpsd.supervise.group import Fault, GpuGroup
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
@@ -85,6 +86,15 @@ class Metrics:
             "mpsd_queue_wait_seconds",
             "Time requests waited in the admission queue for a free engine slot.",
             buckets=QUEUE_BUCKETS, registry=r)
+        self._rejected = Counter(
+            "mpsd_proxy_rejected_requests",
+            "Requests the proxy's front door refused itself, by reason (malformed, "
+            "head_too_large, body_too_large, unauthorized, timeout, ...).", ["reason"], registry=r)
+        self._client_connections = Gauge("mpsd_proxy_client_connections",
+                                         "Client connections open to the proxy.", registry=r)
+        self._refused_connections = Counter(
+            "mpsd_proxy_refused_connections",
+            "Client connections refused at once: over max_client_connections.", registry=r)
         self._group_state = Gauge("mpsd_group_state",
                                   "1 for the group's current state, 0 for the others.",
                                   ["gpu", "state"], registry=r)
@@ -124,6 +134,16 @@ class Metrics:
     def queue_wait(self, seconds: float) -> None:
         """A request left the admission queue (with an engine or not) after ``seconds``."""
         self._queue_wait.observe(seconds)
+
+    def request_rejected(self, status: int) -> None:
+        """The front door refused a request (label: :func:`rejection_reason`)."""
+        self._rejected.labels(rejection_reason(status)).inc()
+
+    def connections_changed(self, opened: int) -> None:
+        self._client_connections.inc(opened)
+
+    def connection_refused(self) -> None:
+        self._refused_connections.inc()
 
     def _request_labels(self, model: str | None, engine: str | None,
                         code: int | str) -> _RequestChildren:

@@ -19,6 +19,7 @@ _TYPES = {
     405: "MethodNotAllowedError",
     408: "RequestTimeoutError",
     413: "RequestTooLargeError",
+    417: "ExpectationFailedError",
     431: "RequestHeaderFieldsTooLargeError",
     500: "InternalServerError",
     501: "NotImplementedError",
@@ -27,6 +28,19 @@ _TYPES = {
     504: "GatewayTimeoutError",
     505: "HTTPVersionNotSupportedError",
 }
+
+
+# the ``reason`` label of mpsd_proxy_rejected_requests_total, per status the front door answers
+_REJECTED = {
+    400: "malformed", 401: "unauthorized", 408: "timeout", 413: "body_too_large",
+    417: "expectation", 431: "head_too_large", 501: "not_implemented", 503: "overloaded",
+    505: "http_version",
+}
+
+
+def rejection_reason(status: int) -> str:
+    """Why the front door refused a request, as a short metrics label."""
+    return _REJECTED.get(status, "other")
 
 
 def error_type(status: int) -> str:

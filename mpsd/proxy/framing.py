@@ -340,13 +340,14 @@ class RequestParser:
     bodies are gathered as a list of slices, joined once.
     """
 
-    __slots__ = ("_decoder", "_parts", "_scanned", "limits", "phase", "request")
+    __slots__ = ("_decoder", "_parts", "_scanned", "head_bytes", "limits", "phase", "request")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.phase = Phase.HEAD
         self.request: Request | None = None
         self._scanned = 0
+        self.head_bytes = b""  # the last head as it came, without the blank line
         self._decoder: ChunkedDecoder | None = None
         self._parts: list[bytes] = []
 
@@ -371,9 +372,10 @@ class RequestParser:
         if end > self.limits.max_head_bytes:
             raise HttpError(431, f"the request head is larger than "
                                  f"{self.limits.max_head_bytes} bytes")
-        request = parse_head(bytes(buf[:end]), self.limits)
+        self.head_bytes = bytes(buf[:end])
         del buf[:end + 4]
         self._scanned = 0
+        request = parse_head(self.head_bytes, self.limits)
         if request.content_length is not None and (
                 request.content_length > self.limits.max_body_bytes):
             raise HttpError(413, f"the request body exceeds {self.limits.max_body_bytes} bytes")

@@ -2,14 +2,17 @@
 
 aiohttp's web server costs ~100 µs of CPU per request on the project's 2-core test machine for a
 hello-world handler alone (docs/performance.md), which is the whole budget of a proxied request.
-This module parses requests with a few bytes operations and hands each complete request to
-:class:`Handler`; responses are written straight to the transport. Anything the hot path does not
-serve (mounted routes such as ``/metrics``) is handed, connection and all, to aiohttp's low-level
-server, which then owns that connection (see :meth:`FrontConnection.handoff`).
+This module reads requests with :class:`~mpsd.proxy.framing.RequestParser` (strict, bounded, no
+I/O) and hands each complete one to :class:`Handler`; responses are written straight to the
+transport. Anything the hot path does not serve (mounted routes such as ``/metrics``) is handed,
+connection and all, to aiohttp's low-level server, which then owns that connection (see
+:meth:`FrontConnection.handoff`).
 
-Parsing is strict where laxness enables request smuggling towards the engines: bare CR/LF or NUL
-in the head, obs-fold, both Content-Length and Transfer-Encoding, conflicting lengths, and
-transfer codings other than ``chunked`` are refused.
+What a client can hold per connection is bounded: a request head (``max_head_bytes``), one body
+(``max_body_bytes``), :data:`MAX_PIPELINED_BYTES` of requests sent ahead while one is being
+answered (then reading pauses), and the transport's write buffer (while it is over its high-water
+mark no further pipelined request is started and a relayed response stops reading from its engine).
+A request is checked after its head (:meth:`Handler.admit`: keys, limits) before its body is read.
 """
 
 from __future__ import annotations
@@ -18,114 +21,21 @@ import asyncio
 from typing import Protocol
 
 from mpsd.proxy.errors import error_body, reason
+from mpsd.proxy.framing import HttpError, Limits, Phase, Request, RequestParser
 
-MAX_HEAD_BYTES = 64 * 1024
 MAX_PIPELINED_BYTES = 1024 * 1024
-
-# Hop-by-hop request headers: never forwarded to an engine (RFC 9110 §7.6.1), plus the ones
-# mpsd rewrites itself (host, content-length) and expect (answered here).
-_HOP_REQUEST = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"host", b"content-length", b"expect", b"proxy-authorization",
-})
-
-
-class HttpError(Exception):
-    """A request that cannot be parsed: answered with ``status`` and the connection closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class Request:
-    """One parsed request. ``forward`` holds the end-to-end header lines, verbatim."""
-
-    __slots__ = ("authorization", "body", "chunked", "content_length", "expect_continue",
-                 "forward", "http11", "keep_alive", "method", "path", "target")
-
-    def __init__(self, method: bytes, target: bytes, http11: bool) -> None:
-        self.method = method
-        self.target = target
-        self.path = target.partition(b"?")[0]
-        self.http11 = http11
-        self.keep_alive = http11
-        self.forward: list[bytes] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.expect_continue = False
-        self.authorization = b""
-        self.body = b""
-
-
-def parse_head(head: bytes) -> Request:
-    """Parse a request head (without the blank line); raise :class:`HttpError` if malformed."""
-    crlf = head.count(b"\r\n")
-    if head.count(b"\n") != crlf or head.count(b"\r") != crlf or b"\x00" in head:
-        raise HttpError(400, "bare CR, LF or NUL in the request head")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[0].isalpha():
-        raise HttpError(400, "malformed request line")
-    method, target, version = parts
-    if version == b"HTTP/1.1":
-        request = Request(method, target, True)
-    elif version == b"HTTP/1.0":
-        request = Request(method, target, False)
-    else:
-        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    if not target.startswith(b"/") or b"/.." in request.path or b"\\" in request.path:
-        raise HttpError(400, "the request target must be an absolute path without '..'")
-    forward = request.forward
-    connection = b""
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1] in b" \t" or line[0] in b" \t":
-            raise HttpError(400, "malformed header line")
-        lname = name.lower()
-        if lname not in _HOP_REQUEST:
-            forward.append(line)
-            if lname == b"authorization":
-                request.authorization = value.strip(b" \t")
-            continue
-        value = value.strip(b" \t")
-        if lname == b"content-length":
-            if not value.isdigit() or (request.content_length is not None
-                                       and request.content_length != int(value)):
-                raise HttpError(400, "invalid Content-Length")
-            request.content_length = int(value)
-        elif lname == b"transfer-encoding":
-            if value.lower() != b"chunked" or request.chunked:
-                raise HttpError(501, "only Transfer-Encoding: chunked is supported")
-            request.chunked = True
-        elif lname == b"connection":
-            connection += b"," + value.lower()
-        elif lname == b"expect":
-            if value.lower() != b"100-continue":
-                raise HttpError(417, "only Expect: 100-continue is supported")
-            request.expect_continue = True
-    if request.chunked and request.content_length is not None:
-        raise HttpError(400, "both Content-Length and Transfer-Encoding")
-    if connection:
-        tokens = {t.strip() for t in connection.split(b",") if t.strip()}
-        if b"close" in tokens:
-            request.keep_alive = False
-        elif b"keep-alive" in tokens and not request.http11:
-            request.keep_alive = True
-        extra = tokens - {b"close", b"keep-alive"}
-        if extra:  # headers the client marked hop-by-hop
-            request.forward = [x for x in forward if x.partition(b":")[0].lower() not in extra]
-    return request
 
 
 class Handler(Protocol):
     """What a :class:`FrontConnection` asks of the server that owns it."""
 
-    max_body_bytes: int
+    limits: Limits
 
     def wants(self, request: Request) -> bool:
         """False: hand the connection to aiohttp before reading the body."""
+
+    def admit(self, request: Request) -> tuple[int, str, bytes] | None:
+        """After the head: ``(status, message, extra header lines)`` to refuse it unread."""
 
     def handle(self, conn: FrontConnection, request: Request) -> None:
         """Serve a complete request; must end with ``conn.response_done(...)``."""
@@ -133,8 +43,11 @@ class Handler(Protocol):
     def handoff_protocol(self) -> asyncio.Protocol:
         """A fresh aiohttp request handler that will own a connection from now on."""
 
-    def track(self, conn: FrontConnection) -> None:
-        """A client connected."""
+    def track(self, conn: FrontConnection) -> bool:
+        """A client connected; False: over the connection cap, refuse it."""
+
+    def rejected(self, status: int) -> None:
+        """A request was refused by the front door itself (framing, limits, keys, timeouts)."""
 
     def request_finished(self, conn: FrontConnection) -> None:
         """A response ended and the connection is idle again (or closing)."""
@@ -146,8 +59,9 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep-alive, pipelining."""
 
-    __slots__ = ("_buf", "_chunk_left", "_handler", "_loop", "_paused_reading", "_request",
-                 "busy", "closed", "exchange", "last_active", "task", "transport")
+    __slots__ = ("_buf", "_handler", "_http11", "_loop", "_parser", "_paused_reading",
+                 "_processing", "_write_paused", "busy", "closed", "exchange", "head_started",
+                 "last_active", "task", "transport")
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         # the loop is passed in, not looked up: on Python 3.11 every get_running_loop() call
@@ -155,27 +69,29 @@ class FrontConnection(asyncio.Protocol):
         self._handler = handler
         self._loop = loop
         self._buf = bytearray()
-        self._request: Request | None = None
-        self._chunk_left = -1
+        self._parser = RequestParser(handler.limits)
         self._paused_reading = False
+        self._write_paused = False
+        self._processing = False
+        self._http11 = True
         self.transport: asyncio.Transport | None = None
         self.busy = False
         self.closed = False
         self.exchange: Relay | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_active = 0.0
+        self.head_started = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.last_active = self._loop.time()
-        self._handler.track(self)
-
-    @property
-    def reading(self) -> bool:
-        """Part of a request has arrived (a stalled client is closed sooner than an idle one)."""
-        return bool(self._buf) or self._request is not None
+        if not self._handler.track(self):  # over the cap: answer at once, read nothing
+            self.busy = True
+            self.respond(503, error_body(503, "mpsd has too many client connections; retry "
+                                              "later."),
+                         keep_alive=False, extra=b"retry-after: 1\r\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -192,109 +108,117 @@ class FrontConnection(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self.exchange is not None:
             self.exchange.pause()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self.exchange is not None:
             self.exchange.resume()
+        elif not self.busy and self._buf:
+            self._process()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         self._buf += data
-        if self.busy:
-            if len(self._buf) > MAX_PIPELINED_BYTES and self.transport is not None:
-                self.transport.pause_reading()
-                self._paused_reading = True
+        now = self._loop.time()
+        if not self._parser.started and not self.busy:
+            self.head_started = now
+        self.last_active = now
+        if self.busy or self._write_paused:
+            if len(self._buf) > MAX_PIPELINED_BYTES:
+                self._pause_reading()
             return
         self._process()
+
+    def attach(self, exchange: Relay) -> None:
+        """``exchange`` relays the current response; it starts paused if the client is."""
+        self.exchange = exchange
+        if self._write_paused:
+            exchange.pause()
 
     # -- request side ------------------------------------------------------------------------
 
     def _process(self) -> None:
-        while not self.busy and not self.closed:
-            request = self._request
-            if request is None:
+        """Serve what the buffer holds, one request at a time, iteratively: a response
+        finished synchronously (``/health``) comes back here through :meth:`response_done`,
+        which then only lets this loop go on (500 pipelined requests are 500 iterations, not
+        500 nested calls)."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self.busy and not self.closed and not self._write_paused:
+                request = self._next_request()
+                if request is None:
+                    break
+                self.busy = True
+                self._http11 = request.http11
+                self._handler.handle(self, request)
+        finally:
+            self._processing = False
+        if self._paused_reading and not self.busy and len(self._buf) <= MAX_PIPELINED_BYTES:
+            self._paused_reading = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def _next_request(self) -> Request | None:
+        """A complete request out of the buffer, once its head was admitted; else None."""
+        parser = self._parser
+        try:
+            if parser.phase == Phase.HEAD:
                 if not self._buf:
-                    return
-                end = self._buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buf) > MAX_HEAD_BYTES:
-                        self.fail(431, "the request head is too large")
-                    return
-                if end > MAX_HEAD_BYTES:
-                    self.fail(431, "the request head is too large")
-                    return
-                try:
-                    request = parse_head(bytes(self._buf[:end]))
-                except HttpError as exc:
-                    self.fail(exc.status, exc.message)
-                    return
-                if not self._handler.wants(request):
-                    self.handoff()
-                    return
-                del self._buf[:end + 4]
-                limit = self._handler.max_body_bytes
-                if request.content_length is not None and request.content_length > limit:
-                    self.fail(413, f"the request body exceeds {limit} bytes")
-                    return
-                self._request = request
-                self._chunk_left = -1
-                if request.expect_continue and (request.chunked or request.content_length):
-                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if not self._read_body(request):
-                return
-            self._request = None
-            self.busy = True
-            self.last_active = self._loop.time()
-            self._handler.handle(self, request)
+                    return None
+                request = parser.head(self._buf)
+                if request is None:
+                    return None
+                self.head_started = self._loop.time()
+                if not self._admitted(request):
+                    return None
+            request = parser.request
+            assert request is not None
+            if parser.body(self._buf):
+                return request
+        except HttpError as exc:
+            self.fail(exc.status, exc.message)
+        return None
 
-    def _read_body(self, request: Request) -> bool:
-        if request.content_length is not None:
-            n = request.content_length
-            if len(self._buf) < n:
-                return False
-            request.body = bytes(self._buf[:n])
-            del self._buf[:n]
-            return True
-        if not request.chunked:
-            return True
-        return self._read_chunked(request)
+    def _admitted(self, request: Request) -> bool:
+        """Hand-off, refusal or ``100 Continue``: decided before any of the body is read."""
+        handler = self._handler
+        if not handler.wants(request):
+            self.handoff()
+            return False
+        refusal = handler.admit(request)
+        if refusal is not None:
+            status, message, extra = refusal
+            self.fail(status, message, extra=extra, http11=request.http11)
+            return False
+        if request.expect_continue and request.has_body:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
-    def _read_chunked(self, request: Request) -> bool:
-        """Decode a chunked request body incrementally into ``request.body``."""
-        buf = self._buf
-        while True:
-            if self._chunk_left < 0:  # at a size line
-                nl = buf.find(b"\r\n")
-                if nl < 0:
-                    if len(buf) > 1024:
-                        self.fail(400, "malformed chunked body")
-                    return False
-                try:
-                    size = int(bytes(buf[:nl]).split(b";")[0].strip(), 16)
-                except ValueError:
-                    self.fail(400, "malformed chunked body")
-                    return False
-                if size == 0:
-                    trailer_end = buf.find(b"\r\n\r\n", nl)  # the empty line after trailers
-                    if trailer_end < 0:
-                        return False
-                    del buf[:trailer_end + 4]
-                    return True
-                if len(request.body) + size > self._handler.max_body_bytes:
-                    self.fail(413, f"the request body exceeds {self._handler.max_body_bytes} "
-                              "bytes")
-                    return False
-                del buf[:nl + 2]
-                self._chunk_left = size
-            if len(buf) < self._chunk_left + 2:
-                return False
-            if buf[self._chunk_left:self._chunk_left + 2] != b"\r\n":
-                self.fail(400, "malformed chunked body")
-                return False
-            request.body += bytes(buf[:self._chunk_left])
-            del buf[:self._chunk_left + 2]
-            self._chunk_left = -1
+    def _pause_reading(self) -> None:
+        if not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def expire(self, now: float, head_s: float, body_s: float, idle_s: float) -> None:
+        """The housekeeping sweep's timeouts: a head must arrive within ``head_s``, a body may
+        not stall for ``body_s``, an idle keep-alive connection lasts ``idle_s`` (408 for the
+        first two, where a response can still be sent)."""
+        if self.busy or self.closed:
+            return
+        if self._parser.phase == Phase.BODY:
+            if now - self.last_active > body_s:
+                self.fail(408, f"the request body stalled for more than {body_s:g} s")
+        elif self._parser.started:
+            if now - self.head_started > head_s:
+                self.fail(408, f"the request head took more than {head_s:g} s")
+        elif now - self.last_active > idle_s:
+            self.close()
 
     # -- response side -----------------------------------------------------------------------
 
@@ -313,19 +237,24 @@ class FrontConnection(asyncio.Protocol):
         ``finish=False``: the caller calls :meth:`response_done` itself (a request task does,
         once, in its ``finally``).
         """
-        close = not keep_alive
+        connection = (b"connection: close\r\n" if not keep_alive
+                      else b"" if self._http11 else b"connection: keep-alive\r\n")
         head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s%s\r\n" % (
             status, reason(status), len(body),
             b"content-type: %s\r\n" % content_type if body else b"",
-            extra, b"connection: close\r\n" if close else b"")
+            extra, connection)
         self._write(head if head_only else head + body)
         if finish:
-            self.response_done(not close)
+            self.response_done(keep_alive)
 
-    def fail(self, status: int, message: str) -> None:
-        """A protocol-level error: answer it and close the connection."""
+    def fail(self, status: int, message: str, *, extra: bytes = b"",
+             http11: bool = True) -> None:
+        """Refuse a request before its body was read (or when its framing broke): answer, count
+        it, and close the connection, since what follows on it cannot be framed."""
         self.busy = True
-        self.respond(status, error_body(status, message), keep_alive=False)
+        self._http11 = http11
+        self._handler.rejected(status)
+        self.respond(status, error_body(status, message), keep_alive=False, extra=extra)
 
     def response_done(self, keep_alive: bool) -> None:
         """The response is complete: close, or serve the next (pipelined) request."""
@@ -342,10 +271,8 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:  # the server is draining
             return
         self.last_active = self._loop.time()
-        if self._paused_reading and self.transport is not None:
-            self._paused_reading = False
-            self.transport.resume_reading()
-        if self._buf:
+        if self._buf or self._paused_reading:
+            self.head_started = self.last_active
             self._process()
 
     def close(self) -> None:
@@ -364,21 +291,21 @@ class FrontConnection(asyncio.Protocol):
     # -- handoff -------------------------------------------------------------------------------
 
     def handoff(self) -> None:
-        """Give this connection, and what it sent so far, to an aiohttp request handler."""
+        """Give this connection to an aiohttp request handler, replaying the request's head
+        as it came and the bytes that followed it."""
         transport = self.transport
         if transport is None:
             return
         self.closed = True
         self._handler.forget(self)
-        data = bytes(self._buf)
+        data = self._parser.head_bytes + b"\r\n\r\n" + bytes(self._buf)
         self._buf.clear()
         protocol = self._handler.handoff_protocol()
         if self._paused_reading:
             transport.resume_reading()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if data:
-            protocol.data_received(data)
+        protocol.data_received(data)
         self.transport = None
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from mpsd.pool import Lease
 from mpsd.proxy.errors import sse_error_event
-from mpsd.proxy.framing import ChunkedDecoder, FramingError, Limits
-from mpsd.proxy.front import FrontConnection, Request
+from mpsd.proxy.framing import ChunkedDecoder, FramingError, Limits, Request
+from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.upstream import UpstreamConnection
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -85,7 +85,7 @@ class Exchange:
         upstream = self.upstream
         assert upstream.transport is not None
         upstream.exchange = self
-        self.client.exchange = self
+        self.client.attach(self)  # paused from the start if the client is not reading
         self.deadline = now + first_byte_timeout_s
         self.pool.awaiting.add(self)
         upstream.transport.write(data)
@@ -179,8 +179,8 @@ class Exchange:
             self._framing = _EOF
             self.reusable = False
             self.keep_alive = False
-        if (self.keep_alive and self._framing != _DECHUNK and lower.startswith(b"http/1.1 ")
-                and not _HOP_RE.search(lower)):
+        if (self.keep_alive and self.http11 and self._framing != _DECHUNK
+                and lower.startswith(b"http/1.1 ") and not _HOP_RE.search(lower)):
             return head + (b"\r\nx-accel-buffering: no\r\n\r\n" if self.sse else b"\r\n\r\n")
         return self._rebuilt_head(head, length, chunked, bodiless)
 
@@ -202,6 +202,8 @@ class Exchange:
             out.append(b"content-length: %d" % length)
         if not self.keep_alive:
             out.append(b"connection: close")
+        elif not self.http11:  # an HTTP/1.0 client closes unless told otherwise
+            out.append(b"connection: keep-alive")
         out.append(b"\r\n")
         return b"\r\n".join(out)
 

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -40,9 +41,17 @@ from mpsd.config import ProxyConfig
 from mpsd.errors import ConfigError
 from mpsd.pool import Backend, BackendPool, Lease, NoCapacity, UnknownModel
 from mpsd.proxy.errors import error_body
-from mpsd.proxy.front import FrontConnection, Request
+from mpsd.proxy.framing import Limits, Request
+from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.relay import Exchange
-from mpsd.proxy.request import authorized, load_api_keys, model_of, upstream_request
+from mpsd.proxy.request import (
+    ModelScan,
+    authorized,
+    load_api_keys,
+    model_scan,
+    run_scan,
+    upstream_request,
+)
 from mpsd.proxy.upstream import UpstreamConnectError, UpstreamConnection, UpstreamPool
 from mpsd.status import DaemonStatus, ProxyStatus
 
@@ -54,8 +63,7 @@ _FORWARDED = frozenset({b"/tokenize", b"/detokenize", b"/pooling", b"/classify",
                         b"/rerank", b"/invocations"})
 _LOCAL = frozenset({b"/health", b"/livez", b"/ping", b"/mpsd/status"})
 _HOUSEKEEPING_S = 1.0
-_CLIENT_IDLE_S = 75.0
-_CLIENT_HEAD_S = 30.0
+_SCAN_SLICES = 8  # model-scan slices done at once (~0.4 ms); the rest yields between slices
 
 
 class RequestObserver(Protocol):
@@ -71,6 +79,15 @@ class RequestObserver(Protocol):
                      ttfb_s: float | None) -> None: ...
 
     def queue_wait(self, seconds: float) -> None: ...
+
+    def request_rejected(self, status: int) -> None:
+        """The front door refused a request itself (framing, limits, keys, timeouts)."""
+
+    def connections_changed(self, opened: int) -> None:
+        """Client connections opened (+1) or closed (-1)."""
+
+    def connection_refused(self) -> None:
+        """A client connection over ``max_client_connections`` was refused."""
 
 
 class _Route:
@@ -113,7 +130,8 @@ class ProxyServer:
         self._port = config.port
         self._debug = _debug_enabled()
         self._created = int(time.time())
-        self.max_body_bytes = config.max_body_bytes
+        self.limits = _limits(config)
+        self._max_clients = _client_cap(config)
         pool.set_cap(config.max_inflight_per_engine)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -196,7 +214,8 @@ class ProxyServer:
         except ConfigError as exc:
             log.error("proxy_api_keys_kept", error=str(exc))
         self._config = config.model_copy(update={"listen": self._config.listen})
-        self.max_body_bytes = config.max_body_bytes
+        self.limits = _limits(config)
+        self._max_clients = _client_cap(config)
         self._upstreams.connect_timeout_s = config.connect_timeout_s
         self._upstreams.max_connections = config.max_connections
         self._pool.set_cap(config.max_inflight_per_engine)
@@ -230,10 +249,10 @@ class ProxyServer:
                 continue
             self._last_sweep = now
             self._upstreams.sweep(now)
+            config = self._config
             for conn in list(self._conns):
-                if not conn.busy and now - conn.last_active > (
-                        _CLIENT_HEAD_S if conn.reading else _CLIENT_IDLE_S):
-                    conn.close()
+                conn.expire(now, config.head_timeout_s, config.body_timeout_s,
+                            config.keepalive_timeout_s)
 
     # -- FrontConnection callbacks (proxy_http.Handler) ---------------------------------------
 
@@ -242,12 +261,29 @@ class ProxyServer:
         return path.startswith((b"/v1/", b"/v2/")) or path in _FORWARDED or path in _LOCAL
 
     def forget(self, conn: FrontConnection) -> None:
-        self._conns.discard(conn)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self._observer.connections_changed(-1)
         if conn.busy:
             self._maybe_idle()
 
-    def track(self, conn: FrontConnection) -> None:
+    def track(self, conn: FrontConnection) -> bool:
+        if len(self._conns) >= self._max_clients:
+            self._observer.connection_refused()
+            return False
         self._conns.add(conn)
+        self._observer.connections_changed(1)
+        return True
+
+    def rejected(self, status: int) -> None:
+        self._observer.request_rejected(status)
+
+    def admit(self, request: Request) -> tuple[int, str, bytes] | None:
+        """Keys are checked on the head: a keyless client never gets its body read."""
+        if (self._keys is not None and request.path not in _LOCAL
+                and not self._authorized(request.authorization)):
+            return 401, "Incorrect API key provided.", b'www-authenticate: Bearer realm="mpsd"\r\n'
+        return None
 
     def request_finished(self, conn: FrontConnection) -> None:
         if self._draining:
@@ -268,10 +304,6 @@ class ProxyServer:
         if path in _LOCAL:
             self._local(conn, request)
             return
-        if self._keys is not None and not self._authorized(request.authorization):
-            self._reply(conn, request, 401, "Incorrect API key provided.",
-                        extra=b'www-authenticate: Bearer realm="mpsd"\r\n')
-            return
         if path.startswith(b"/v1/models") and request.method in (b"GET", b"HEAD"):
             self._models(conn, request)
             return
@@ -280,7 +312,28 @@ class ProxyServer:
                         extra=b"retry-after: 5\r\n")
             self._observer.request_done(None, None, 503, 0.0, None)
             return
-        model = model_of(request.body) if request.body else None
+        if not request.body:
+            self._route(conn, request, None)
+            return
+        scan = model_scan(request.body)
+        done, model = run_scan(scan, _SCAN_SLICES)
+        if done:
+            self._route(conn, request, model)
+        else:  # a large body: scan the rest in slices, other connections served in between
+            conn.task = self._loop.create_task(self._scan_then_route(conn, request, scan))
+
+    async def _scan_then_route(self, conn: FrontConnection, request: Request,
+                               scan: ModelScan) -> None:
+        while True:
+            await asyncio.sleep(0)
+            done, model = run_scan(scan, 1)
+            if done:
+                break
+        conn.task = None
+        self._route(conn, request, model)
+
+    def _route(self, conn: FrontConnection, request: Request, model: str | None) -> None:
+        """Lease an engine for ``model`` and send, or answer why not."""
         if model is None and request.body and self._pool.model_count() > 1:
             self._reply(conn, request, 400, "The request names no model, and mpsd serves "
                         f"several: {', '.join(self._pool.models())}.", param="model")
@@ -371,7 +424,6 @@ class ProxyServer:
         loop = self._loop
         started = loop.time()
         tried: list[Backend] = []
-        last_error = ""
         code = 0
         try:
             while True:
@@ -390,7 +442,6 @@ class ProxyServer:
                 except UpstreamConnectError as exc:
                     self._pool.connect_failed(backend)
                     log.warning("engine_connect_failed", engine=backend.key, error=str(exc))
-                    last_error = str(exc)
                     tried.append(backend)
                     lease.release()
                     lease = None
@@ -404,7 +455,8 @@ class ProxyServer:
             self._reply(conn, request, 404, str(exc), param="model", finish=False)
         except NoCapacity as exc:
             code = 503
-            message = f"no engine reachable ({last_error})" if tried else str(exc)
+            # the engines' addresses and errno stay in the log (engine_connect_failed)
+            message = "no engine reachable; retry later" if tried else str(exc)
             self._reply(conn, request, 503, message, finish=False,
                         extra=b"retry-after: %d\r\n" % exc.retry_after_s)
         except asyncio.CancelledError:
@@ -473,3 +525,23 @@ def _debug_enabled() -> bool:
 def _aio_error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=error_body(status, message),
                         content_type="application/json")
+
+
+def _limits(config: ProxyConfig) -> Limits:
+    return Limits(max_request_line_bytes=config.max_request_line_bytes,
+                  max_header_line_bytes=config.max_header_line_bytes,
+                  max_head_bytes=config.max_head_bytes, max_headers=config.max_headers,
+                  max_body_bytes=config.max_body_bytes,
+                  max_trailer_bytes=config.max_trailer_bytes, max_trailers=config.max_trailers)
+
+
+def _client_cap(config: ProxyConfig) -> int:
+    """``max_client_connections``, or (0) what the file-descriptor limit leaves: half of what
+    remains after ``reserved_fds`` (engines, control socket, logs, metrics), since every busy
+    client connection may hold one engine connection too."""
+    if config.max_client_connections:
+        return config.max_client_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max((soft - config.reserved_fds) // 2, 16)

@@ -198,7 +198,7 @@ class TestErrors:
             status, _, raw = await post(session, proxy, body(prompt="x" * 2000))
             assert status == 413 and error_of(raw)["type"] == "RequestTooLargeError"
             big = b"x" * 3000
-            out = await raw_exchange(proxy.port, b"POST /v1/completions HTTP/1.1\r\n"
+            out = await raw_exchange(proxy.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
                                      % (len(big), big), until_eof=True)
             assert out.startswith(b"HTTP/1.1 413 ")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mpsd.proxy.errors import error_body, sse_error_event
-from mpsd.proxy.front import HttpError, parse_head
+from mpsd.proxy.framing import HttpError, parse_head
 from mpsd.proxy.request import authorized, model_of, upstream_request
 
 
@@ -27,7 +27,7 @@ class TestParseHead:
                                b"X-Stainless-Lang: python"]
 
     def test_connection_close_and_listed_hop_by_hop_headers(self) -> None:
-        req = parse_head(b"GET /v1/models HTTP/1.1\r\nConnection: close, X-Secret\r\n"
+        req = parse_head(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\n"
                          b"X-Secret: 1\r\nAccept: */*")
         assert not req.keep_alive
         assert req.forward == [b"Accept: */*"]
@@ -36,8 +36,13 @@ class TestParseHead:
         assert not parse_head(b"GET /health HTTP/1.0").keep_alive
         assert parse_head(b"GET /health HTTP/1.0\r\nConnection: keep-alive").keep_alive
 
+    def test_absolute_form_target_is_reduced_to_its_path(self) -> None:
+        req = parse_head(b"POST http://mpsd:8000/v1/completions?a=1 HTTP/1.1\r\nHost: mpsd")
+        assert (req.target, req.path) == (b"/v1/completions?a=1", b"/v1/completions")
+        assert parse_head(b"GET HTTPS://h HTTP/1.1\r\nHost: h").target == b"/"
+
     def test_chunked_and_expect(self) -> None:
-        req = parse_head(b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        req = parse_head(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
                          b"Expect: 100-continue")
         assert req.chunked and req.expect_continue and req.content_length is None
 
@@ -56,7 +61,12 @@ class TestParseHead:
             (b"POST /v1/x HTTP/1.1\r\nno colon", 400),
             (b"POST /v1/x HTTP/2.0", 505),
             (b"POST /v1/x", 400),
-            (b"POST http://evil/v1/x HTTP/1.1", 400),
+            (b"POST ftp://evil/v1/x HTTP/1.1\r\nHost: a", 400),
+            (b"POST /v1/x HTTP/1.1", 400),                                  # no Host
+            (b"POST /v1/x HTTP/1.1\r\nHost: a\r\nHost: b", 400),
+            (b"POST /v1/x HTTP/1.1\r\nHost: a\r\nX Bad Name: 1", 400),   # not a token
+            (b"POST /v1/x HTTP/1.1\r\nHost: a\r\nX-A: \x01", 400),        # control byte
+            (b"PO ST /v1/x HTTP/1.1\r\nHost: a", 400),
             (b"GET /v1/../metrics HTTP/1.1", 400),
             (b"POST /v1/x HTTP/1.1\r\nExpect: something", 417),
         ],
@@ -118,7 +128,7 @@ def test_upstream_request_reframes_the_body() -> None:
     assert raw == (b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"
                    b"Content-Type: application/json\r\ncontent-length: 13\r\n\r\n"
                    b'{"model":"m"}')
-    get = parse_head(b"GET /v1/models HTTP/1.1")
+    get = parse_head(b"GET /v1/models HTTP/1.1\r\nHost: a")
     assert upstream_request(get, b"h:1") == b"GET /v1/models HTTP/1.1\r\nhost: h:1\r\n\r\n"
 
 
