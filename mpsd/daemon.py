@@ -198,7 +198,8 @@ async def run(file: str) -> ExitCode:
                                 observers=[metrics], on_status=notifier.status)
         proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics,
                             alive=lambda: daemon.alive())  # noqa: PLW0108 - made below
-        proxy.add_route("GET", "/metrics", metrics_handler(metrics))
+        proxy.add_route("GET", "/metrics", metrics_handler(metrics.render))
+        proxy.add_route("GET", "/metrics/engines", metrics_handler(metrics.render_engines))
         proxy.add_route("GET", "/mpsd/", status_page_handler)
         daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()

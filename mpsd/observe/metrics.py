@@ -233,13 +233,19 @@ class Metrics:
         return await self._poller.collect_once(groups, session)
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition body and its content type; call it on the event loop.
+        """``/metrics``: the exposition body and its content type; call it on the event loop.
 
         mpsd's own families are rendered now (a few hundred samples; the pool is read on the
-        loop that owns it, so no lock is needed); the engines' ``vllm:*`` families are
+        loop that owns it, so no lock is needed); the node-level ``vllm:*`` aggregates are
         appended as the text the last poll round rendered on a worker thread.
         """
-        return generate_latest(self.registry) + self._poller.snapshot.engine_text, CONTENT_TYPE
+        return generate_latest(self.registry) + self._poller.snapshot.node_text, CONTENT_TYPE
+
+    def render_engines(self) -> tuple[bytes, str]:
+        """``/metrics/engines``: every engine's own ``vllm:*`` series with ``gpu``/``engine``
+        labels, as the last poll round rendered them (kept off ``/metrics`` so that a sum
+        over ``/metrics`` never counts a request twice)."""
+        return self._poller.snapshot.engine_text, CONTENT_TYPE
 
 
 class _PoolCollector:
@@ -276,11 +282,13 @@ class _PoolCollector:
         yield from (ready, inflight, failures, queue, cap)
 
 
-def metrics_handler(metrics: Metrics) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """``GET /metrics`` for the proxy's aiohttp app (cheap: see :meth:`Metrics.render`)."""
+def metrics_handler(render: Callable[[], tuple[bytes, str]],
+                    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """``GET /metrics`` (``render=metrics.render``) or ``/metrics/engines``
+    (``metrics.render_engines``) for the proxy's aiohttp app (cheap: see :meth:`Metrics.render`)."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        body, content_type = metrics.render()
+        body, content_type = render()
         response = web.Response(body=body, headers={"Content-Type": content_type,
                                                     "Cache-Control": "no-store"})
         response.enable_compression()

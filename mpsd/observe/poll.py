@@ -6,8 +6,9 @@ Prometheus collector re-exports at scrape time:
 * each MPS group's control daemon (server status, client count) — a subprocess per command;
 * NVML (memory, utilisation) — a blocking C library, so it runs on a worker thread;
 * each ready engine's own ``/metrics`` — the ``vllm:*`` families, re-labelled with the ``gpu``
-  and ``engine`` they came from, so one Prometheus target shows every engine on the host.
-  They are merged and rendered to exposition text once per round on a worker thread, so a
+  and ``engine`` they came from (served on ``/metrics/engines``), and added up into node-level
+  families under the same names (:mod:`mpsd.observe.aggregate`, served on ``/metrics``).
+  Both are merged and rendered to exposition text once per round on a worker thread, so a
   Prometheus scrape only appends those bytes instead of formatting thousands of samples on
   the event loop that also streams every proxied response.
 
@@ -31,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mpsd import logs
 from mpsd.errors import MpsCommandError
 from mpsd.host.nvml import GpuSample
+from mpsd.observe.aggregate import node_families
 from mpsd.pool import BackendPool
 
 _log = logs.get("mpsd.metrics")
@@ -95,6 +97,7 @@ class Snapshot:
     scrape_up: Mapping[tuple[str, str], bool] = field(default_factory=dict)
     engine_families: tuple[Metric, ...] = ()
     engine_text: bytes = b""  # engine_families in the text format, rendered off the loop
+    node_text: bytes = b""  # their node-level aggregates (aggregate.py) in the text format
     took_s: float = 0.0
 
 
@@ -166,12 +169,18 @@ class _Families:
         return iter(self._families)
 
 
-def merge_and_render(per_engine: list[list[Metric]]) -> tuple[tuple[Metric, ...], bytes]:
-    """Merged families and their exposition text (CPU-bound: run on a worker thread)."""
-    families = merge_families(per_engine)
+def render_families(families: tuple[Metric, ...]) -> bytes:
+    """Fixed families in the text format."""
     registry = CollectorRegistry()
     registry.register(_Families(families))
-    return families, generate_latest(registry)
+    return generate_latest(registry)
+
+
+def merge_and_render(per_engine: list[list[Metric]]) -> tuple[tuple[Metric, ...], bytes, bytes]:
+    """Merged families, their exposition text and their node-level aggregates' text
+    (CPU-bound: run on a worker thread)."""
+    families = merge_families(per_engine)
+    return families, render_families(families), render_families(node_families(families))
 
 
 async def fetch_metrics(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
@@ -231,10 +240,11 @@ class Poller:
                     tg.start_soon(scrape, backend.gpu, backend.key,
                                   backend.base_url.rstrip("/") + "/metrics")
         ok = [families for families in scraped.values() if families is not None]
-        families, text = await anyio.to_thread.run_sync(merge_and_render, ok)
+        families, text, node_text = await anyio.to_thread.run_sync(merge_and_render, ok)
         self.snapshot = Snapshot(
             mps=mps, gpus=gpus, scrape_up={k: v is not None for k, v in scraped.items()},
-            engine_families=families, engine_text=text, took_s=time.monotonic() - started)
+            engine_families=families, engine_text=text, node_text=node_text,
+            took_s=time.monotonic() - started)
         self.rounds += 1
         return self.snapshot
 
@@ -282,7 +292,7 @@ class Poller:
 
     def collect(self) -> Iterator[Metric]:
         """Prometheus collector protocol: the latest MPS/NVML/scrape readings (the engines'
-        own families are appended as pre-rendered text, see ``Snapshot.engine_text``)."""
+        own families are appended as pre-rendered text, see ``Snapshot.node_text``)."""
         snap = self.snapshot
         daemon_up = GaugeMetricFamily(
             "mpsd_mps_daemon_up", "1 while the group's MPS control daemon process runs.",

@@ -15,8 +15,8 @@ from tests.harness import REPO, Mpsd, http, wait_until
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def scrape(m: Mpsd) -> Samples:
-    code, _, body = http("GET", f"{m.url}/metrics")
+def scrape(m: Mpsd, path: str = "/metrics") -> Samples:
+    code, _, body = http("GET", f"{m.url}{path}")
     assert code == 200
     out: Samples = defaultdict(list)
     for family in text_string_to_metric_families(body.decode()):
@@ -49,11 +49,15 @@ def test_metrics_and_status_after_traffic_and_a_fault(mpsd: Mpsd) -> None:
     mpsd.wait_state("gpu0", "running", after=1)
 
     def scraped_from_both() -> Samples | None:
-        s = scrape(mpsd)
+        s = scrape(mpsd, "/metrics/engines")
         engines = {lab["engine"] for lab, _ in s.get("vllm:num_requests_running", [])}
         return s if engines == {"gpu0/tiny-0", "gpu0/tiny-1"} else None
 
-    samples = wait_until(scraped_from_both, 20, "both engines' vllm:* metrics re-exported")
+    per_engine = wait_until(scraped_from_both, 20, "both engines' vllm:* metrics re-exported")
+    samples = scrape(mpsd)
+    # the node as one vLLM endpoint: one series per model, no engine labels
+    assert [lab for lab, _ in samples["vllm:num_requests_running"]] == [{"model_name": "tiny"}]
+    assert not [name for name in per_engine if not name.startswith("vllm:")]
     assert value(samples, "mpsd_requests_total", model="tiny", code="200") == 10
     assert value(samples, "mpsd_request_duration_seconds_count", model="tiny") == 10
     assert value(samples, "mpsd_time_to_first_byte_seconds_count", model="tiny") == 10

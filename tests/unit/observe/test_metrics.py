@@ -18,12 +18,14 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from mpsd.config import MpsConfig, RestartConfig, parse_config
 from mpsd.errors import MpsCommandError
 from mpsd.host.nvml import GpuInfo, GpuInventory, GpuSample
+from mpsd.observe.aggregate import combine_mode, node_families
 from mpsd.observe.metrics import CONTENT_TYPE, Metrics, metrics_handler
 from mpsd.observe.poll import mps_status_code, parse_engine_metrics
 from mpsd.plan.build import HostFacts, Plan, build_plan
@@ -116,9 +118,10 @@ def supervisor_for(metrics: Metrics, plan: Plan, session: aiohttp.ClientSession)
     return Supervisor(plan, options, metrics.pool, session, observers=[metrics])
 
 
-def scrape(metrics: Metrics) -> dict[str, list[Sample]]:
-    """render() as Prometheus sees it: sample name → samples (the exposition must parse)."""
-    body, content_type = metrics.render()
+def scrape(metrics: Metrics, engines: bool = False) -> dict[str, list[Sample]]:
+    """render() (``/metrics``; ``render_engines()`` for ``/metrics/engines``) as Prometheus
+    sees it: sample name → samples (the exposition must parse)."""
+    body, content_type = metrics.render_engines() if engines else metrics.render()
     assert content_type.startswith("text/plain; version=0.0.4")
     out: dict[str, list[Sample]] = {}
     for family in text_string_to_metric_families(body.decode()):
@@ -350,7 +353,7 @@ def test_engine_metrics_are_reexported_with_gpu_and_engine_labels() -> None:
             return metrics
 
     metrics = run(main)
-    got = scrape(metrics)
+    got = scrape(metrics, engines=True)
     running = {s.labels["engine"]: s for s in got["vllm:num_requests_running"]}
     assert set(running) == {E0, E1}
     assert running[E0].value == 128
@@ -364,10 +367,62 @@ def test_engine_metrics_are_reexported_with_gpu_and_engine_labels() -> None:
     assert value(got, "vllm:e2e_request_latency_seconds_bucket", engine=E0, le="1.0") == 670
     assert value(got, "vllm:e2e_request_latency_seconds_count", engine=E0) == 995
     assert "python_gc_objects_collected_total" not in got  # only vllm:* families come along
-    assert value(got, "mpsd_engine_scrape_up", engine=E0) == 1
-    assert value(got, "mpsd_engine_scrape_up", gpu="gpu1", engine=F0) == 0
-    body = metrics.render()[0].decode()
+    assert not [name for name in got if not name.startswith("vllm:")]  # only the engines' own
+    own = scrape(metrics)
+    assert value(own, "mpsd_engine_scrape_up", engine=E0) == 1
+    assert value(own, "mpsd_engine_scrape_up", gpu="gpu1", engine=F0) == 0
+    body = metrics.render_engines()[0].decode()
     assert body.count("# TYPE vllm:num_requests_running gauge") == 1  # merged across engines
+
+
+def test_metrics_carries_node_aggregates_under_vllm_names_without_engine_labels() -> None:
+    plan = make_plan()
+
+    async def main() -> Metrics:
+        routes = {"/new/metrics": text_handler(VLLM_SAMPLE),
+                  "/old/metrics": text_handler(VLLM_OLD_SAMPLE)}
+        async with serve(routes) as url, aiohttp.ClientSession() as session:
+            metrics = Metrics(make_pool(plan, {E0: url + "/new", E1: url + "/new",
+                                               F0: url + "/old"}), sampler=no_nvml)
+            sup = supervisor_for(metrics, plan, session)
+            await metrics.collect_once(list(sup.groups.values()), session)
+            return metrics
+
+    metrics = run(main)
+    node, engines = scrape(metrics), scrape(metrics, engines=True)
+    vllm = {name: samples for name, samples in node.items() if name.startswith("vllm:")}
+    for samples in vllm.values():
+        for sample in samples:
+            assert not {"gpu", "engine", "vllm_engine"} & set(sample.labels), sample
+    # requests and tokens add up: one series per model, equal to the sum of the engines'
+    (running,) = vllm["vllm:num_requests_running"]
+    assert running.labels == {"model_name": MODEL}
+    assert running.value == 128 + 128 + 3 == sum(
+        s.value for s in engines["vllm:num_requests_running"])
+    assert value(node, "vllm:prompt_tokens_total") == 2 * 12720
+    assert value(node, "vllm:num_requests_waiting_by_reason", reason="capacity") == 2 * 249
+    assert value(node, "vllm:e2e_request_latency_seconds_bucket", le="1.0") == 2 * 670
+    assert value(node, "vllm:e2e_request_latency_seconds_count") == 2 * 995
+    # fractions are averaged over the engines that report them
+    assert value(node, "vllm:kv_cache_usage_perc") == pytest.approx(0.0078129768)
+    assert value(node, "vllm:gpu_cache_usage_perc") == 0.5
+
+
+@pytest.mark.parametrize(("name", "kind", "mode"), [
+    ("vllm:num_requests_running", "gauge", "sum"), ("vllm:kv_cache_usage_perc", "gauge", "mean"),
+    ("vllm:prefix_cache_hit_rate", "gauge", "mean"), ("vllm:prompt_tokens", "counter", "sum"),
+    ("vllm:cache_config_info", "gauge", "one"), ("vllm:x_perc", "counter", "sum")])
+def test_how_engine_families_combine_into_the_node(name: str, kind: str, mode: str) -> None:
+    assert combine_mode(Metric(name, "", kind)) == mode
+
+
+def test_info_families_keep_each_label_set_once() -> None:
+    info = Metric("vllm:cache_config_info", "", "gauge")
+    for engine in (E0, E1):
+        info.samples.append(Sample("vllm:cache_config_info",
+                                   {"engine": engine, "block_size": "16"}, 1.0))
+    (node,) = node_families([info])
+    assert node.samples == [Sample("vllm:cache_config_info", {"block_size": "16"}, 1.0)]
 
 
 def test_parse_engine_metrics_keeps_engine_labels_under_another_name() -> None:
@@ -395,7 +450,7 @@ def test_poll_loop_keeps_going_and_serves_metrics_over_http() -> None:
             metrics.pool.set_routable(E1, False)
             metrics.pool.set_routable(F0, False)
             async with aiohttp.ClientSession() as session, \
-                    serve({"/metrics": metrics_handler(metrics)}) as url:
+                    serve({"/metrics": metrics_handler(metrics.render)}) as url:
                 sup = supervisor_for(metrics, plan, session)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(metrics.poll, sup, 0.01)
@@ -411,4 +466,4 @@ def test_poll_loop_keeps_going_and_serves_metrics_over_http() -> None:
     assert status == 200 and content_type == CONTENT_TYPE
     samples = {s.name: s for f in text_string_to_metric_families(body) for s in f.samples}
     assert samples["mpsd_gpu_memory_used_bytes"].value == 1
-    assert samples["vllm:num_requests_running"].labels["engine"] == E0
+    assert samples["vllm:num_requests_running"].labels == {"model_name": MODEL}  # the node
