@@ -25,6 +25,7 @@ from mpsd import __version__, logs
 from mpsd.config import Config
 from mpsd.control.client import socket_path
 from mpsd.control.server import ControlServer
+from mpsd.control.text import ready_line
 from mpsd.errors import ConfigError, ExitCode
 from mpsd.host.facts import resolve
 from mpsd.host.nvml import XidWatcher
@@ -150,8 +151,16 @@ class Daemon:
                 await self.supervisor.wait_settled()
                 break
             self.notifier.extend_timeout(_EXTEND_EVERY_S)
-        self.notifier.ready(self.supervisor.status_line())
-        _log.info("mpsd_ready", status=self.supervisor.status_line())
+        status = self.supervisor.status_line()
+        self.notifier.ready(status)
+        engines = self.supervisor.pool.snapshot()
+        serving = [b for b in engines if b["routable"]]
+        proxy = self.config.proxy
+        msg = ready_line(len(serving), len(engines), proxy.listen,
+                         serving[0]["model"] if serving else None, bool(proxy.api_keys_file),
+                         status)
+        _log.log(logs.level_number("info" if serving else "error"), "mpsd_ready",
+                 status=status, msg=msg)
 
 
 async def _watch_xids(plan: Plan, supervisor: Supervisor) -> XidWatcher | None:
@@ -204,7 +213,6 @@ async def run(file: str) -> ExitCode:
         daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()
         stack.push_async_callback(lambda: proxy.stop(daemon.config.proxy.drain_timeout_s))
-        _log.info("proxy_listening", listen=config.proxy.listen)
         control = ControlServer(socket_path(config.daemon.state_dir), supervisor, daemon.reload,
                                 drain_all=daemon.drain_all)
         await control.start()

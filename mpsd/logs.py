@@ -1,16 +1,28 @@
-"""structlog setup: the one module with global state.
+"""structlog setup: the one module with global state; and how engine output becomes events.
 
-Formats: ``console`` (a TTY), ``json`` (one object per line, for files and tests), ``journal``
-(``<N>`` priority prefixes and no timestamp, because journald stamps lines itself and
+Formats: ``console`` (for people at a terminal: ``HH:MM:SS level what key=value``, engine output
+as ``engine | line``), ``json`` (one object per line, for files, log shippers and tests),
+``journal`` (``<N>`` priority prefixes and no timestamp, because journald stamps lines itself and
 ``journalctl -p warning`` reads the prefix). ``auto`` picks journal when stderr is connected to
-journald (``JOURNAL_STREAM``), console on a TTY, json otherwise.
+journald (``JOURNAL_STREAM``, i.e. under systemd), console on a TTY, json otherwise (output
+piped or redirected is read by programs more often than by people).
+
+An event may carry ``msg``: a sentence for people (``ready: 2/2 engines — try: curl …``). The
+console and the journal show it instead of the event name; JSON keeps both.
+
+Engine output arrives as lines. :func:`engine_line_level` reads the level each line states in
+vLLM's, uvicorn's, glog's or Python's warning format (a line that states none, such as a
+traceback's, keeps the level of the line before), and :func:`probe_access_line` recognises
+access-log lines of mpsd's own probes, which must never reach the journal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import structlog
@@ -42,12 +54,58 @@ def _stderr_is_journal() -> bool:
     return f"{stat.st_dev}:{stat.st_ino}" == f"{device}:{inode}"
 
 
+def _fields(event: structlog.typing.EventDict) -> str:
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) and (" " in v or not v) else f"{k}={v}"
+                    for k, v in event.items())
+
+
+def _headline(event: structlog.typing.EventDict) -> str:
+    """What a person reads first: engine output as ``engine | line``, else ``msg`` or the
+    event name. Pops what it used, and the component (implied by the text)."""
+    event.pop("component", None)
+    name = str(event.pop("event", ""))
+    if name == "output" and "line" in event:
+        source = event.pop("engine", None) or event.pop("name", "?")
+        for implied in ("name", "gpu", "pid"):
+            event.pop(implied, None)
+        return f"{source} | {event.pop('line')}"
+    return str(event.pop("msg", name))
+
+
 def _journal_renderer(_: Any, method: str, event: structlog.typing.EventDict) -> str:
     level = str(event.pop("level", method))
-    message = str(event.pop("event", ""))
-    fields = " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                      for k, v in event.items())
-    return f"<{_JOURNAL_PRIORITY.get(level, 6)}>{message} {fields}".rstrip()
+    line = f"{_headline(event)} {_fields(event)}".rstrip()
+    return f"<{_JOURNAL_PRIORITY.get(level, 6)}>{line}"
+
+
+_RESET, _DIM, _BOLD = "\033[0m", "\033[2m", "\033[1m"
+_LEVEL_STYLE = {"debug": ("debug", "\033[90m"), "info": ("info ", ""),
+                "warning": ("warn ", "\033[33m"), "error": ("error", "\033[31m"),
+                "critical": ("crit ", "\033[31;1m")}
+
+
+class _ConsoleRenderer:
+    """``15:04:05 info  ready: 2/2 engines — try: curl …`` for a person at a terminal."""
+
+    def __init__(self, colors: bool) -> None:
+        self._colors = colors
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"{code}{text}{_RESET}" if self._colors and code else text
+
+    def __call__(self, _: Any, method: str, event: structlog.typing.EventDict) -> str:
+        level = str(event.pop("level", method))
+        stamp = str(event.pop("timestamp", ""))
+        exc = event.pop("exception", None)
+        label, color = _LEVEL_STYLE.get(level, (level[:5].ljust(5), ""))
+        is_output = event.get("event") == "output"
+        headline = _headline(event)
+        if not is_output:
+            headline = self._paint(headline, _BOLD if level == "info" else color)
+        fields = _fields(event)
+        line = (f"{self._paint(stamp, _DIM)} {self._paint(label, color)} {headline}"
+                + (f"  {self._paint(fields, _DIM)}" if fields else ""))
+        return f"{line}\n{exc}" if exc else line
 
 
 def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
@@ -64,8 +122,9 @@ def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
                        structlog.processors.format_exc_info,
                        structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.processors.TimeStamper(fmt="%H:%M:%S.%f"),
-                       structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        processors += [structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+                       structlog.processors.format_exc_info,
+                       _ConsoleRenderer(colors=_colors(sys.stderr))]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
@@ -77,6 +136,16 @@ def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
     logging.getLogger("aiohttp.access").disabled = True
 
 
+def _colors(stream: Any) -> bool:
+    """Colour only on a terminal, and never with ``NO_COLOR`` set or ``TERM=dumb``."""
+    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())
+    except ValueError:
+        return False
+
+
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     """A logger bound to a component name (``mpsd.supervise.group``)."""
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
@@ -86,3 +155,38 @@ def get(name: str) -> structlog.typing.FilteringBoundLogger:
 def level_number(name: str) -> int:
     """The numeric level of ``debug``/``info``/…, for ``logger.log``."""
     return _LEVELS[name]
+
+
+_VLLM = re.compile(r"^\([\w.-]+ pid=\d+\) (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+_UVICORN = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s")
+_GLOG = re.compile(r"^\[?([IWEF])\d{4} \d\d:\d\d:\d\d")
+_PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+_GLOG_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "critical"}
+
+
+def engine_line_level(line: str, previous: str = "info") -> str:
+    """The level a line of engine output states (vLLM's ``(APIServer pid=1) WARNING …``,
+    uvicorn's ``ERROR:    …``, glog's ``W1204 15:53:37…``, a Python warning), else
+    ``previous``: a traceback's lines belong to the line that announced it."""
+    if match := _VLLM.match(line) or _UVICORN.match(line):
+        return match.group(1).lower()
+    if match := _GLOG.match(line):
+        return _GLOG_LEVELS[match.group(1)]
+    if _PY_WARNING.match(line):
+        return "warning"
+    return previous
+
+
+_ACCESS = re.compile(r'"(?:GET|HEAD|POST) (/[^ ?"]*)[^ "]* HTTP/[\d.]+" \d{3}')
+
+
+def probe_access_line(paths: Collection[str]) -> Callable[[str], bool]:
+    """A test for an HTTP server's access-log line (uvicorn's, aiohttp's, nginx-like ones) of
+    a request to one of ``paths`` — what mpsd's health probes and metrics scrapes cause."""
+    wanted = frozenset(paths)
+
+    def matches(line: str) -> bool:
+        found = _ACCESS.search(line)
+        return found is not None and found.group(1) in wanted
+
+    return matches

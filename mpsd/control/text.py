@@ -10,7 +10,9 @@ before they reach the operator's terminal.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
@@ -217,3 +219,18 @@ def render(status: DaemonStatus | Mapping[str, Any], color: bool = False,
     if not groups:
         lines.append("     (no GPUs configured)")
     return "\n".join(lines)
+
+
+def ready_line(ready: int, total: int, listen: str, model: str | None, auth: bool,
+               status_line: str) -> str:
+    """The line ``mpsd run`` prints once every GPU settled: how many engines serve, and a
+    request to try (on a wildcard address, through loopback)."""
+    if not ready or model is None:
+        return f"not ready: 0/{total} engines serve ({status_line}); see `mpsd status`"
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    key = " -H 'Authorization: Bearer KEY'" if auth else ""
+    body = shlex.quote(json.dumps({"model": model, "prompt": "Hello", "max_tokens": 8}))
+    return (f"ready: {ready}/{total} engines \u2014 try: curl -s http://{host}:{port}"
+            f"/v1/completions -H 'Content-Type: application/json'{key} -d {body}")

@@ -24,6 +24,10 @@ from mpsd.supervise.process import ChildProcess
 _log = logs.get("mpsd.engine")
 _READY_POLL_S = 0.1
 _PROBE_TIMEOUT_S = 5.0
+PROGRESS_EVERY_S = 15.0
+#: What mpsd itself asks every engine, often: the engine's access-log lines of these requests
+#: would bury everything else in the journal (vLLM runs with its access log off anyway).
+_PROBED_PATHS = frozenset({"/health", "/metrics", "/v1/models"})
 
 
 def group_pids(pgid: int) -> set[int]:
@@ -53,6 +57,31 @@ def port_free(port: int) -> bool:
     return True
 
 
+class _Progress:
+    """Tells an operator watching a start which phase an engine is in: at each change, and
+    every ``PROGRESS_EVERY_S`` while one lasts (a model load takes minutes)."""
+
+    def __init__(self, plan: EnginePlan, started: float) -> None:
+        self._plan = plan
+        self._started = self._said = started
+        self.phase = ""
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self._say("engine_phase", f"{self._plan.key}: {phase}")
+
+    def tick(self) -> None:
+        if time.monotonic() - self._said >= PROGRESS_EVERY_S:
+            self._say("engine_loading", f"{self._plan.key}: still {self.phase} "
+                      f"(gives up at {self._plan.startup_timeout_s:g} s)")
+
+    def _say(self, event: str, msg: str) -> None:
+        self._said = time.monotonic()
+        elapsed = round(self._said - self._started, 1)
+        _log.info(event, gpu=self._plan.gpu, engine=self._plan.key, phase=self.phase,
+                  seconds=elapsed, msg=f"{msg}, {elapsed:.0f} s")
+
+
 class Engine:
     """A running (or about to run) engine of a group."""
 
@@ -62,7 +91,8 @@ class Engine:
         self._session = session
         self.process = ChildProcess(
             plan.key, plan.argv, plan.env, cpus=plan.cpus, registry=registry,
-            log_fields={"gpu": plan.gpu, "engine": plan.key})
+            log_fields={"gpu": plan.gpu, "engine": plan.key},
+            quiet=logs.probe_access_line(_PROBED_PATHS | {plan.health_path}))
         self.stopping = False
         self.answered = False  # /health said 200 once: it booted, whatever happens next
 
@@ -85,15 +115,20 @@ class Engine:
     async def wait_ready(self, mps: MpsDaemon | None) -> float:
         """Until ready; seconds it took. Raises on exit, timeout or a failed canary."""
         started = time.monotonic()
+        progress = _Progress(self.plan, started)
         with anyio.fail_after(self.plan.startup_timeout_s) as scope:
             try:
+                progress.enter("loading, waiting for /health")
                 while not await self._healthy():
                     self._check_alive("during start-up")
+                    progress.tick()
                     await anyio.sleep(_READY_POLL_S)
                 self.answered = True
+                progress.enter("/health answered, canary request")
                 await self.canary()
                 if mps is not None:
-                    await self._wait_attached(mps)
+                    progress.enter("waiting for it to attach to MPS")
+                    await self._wait_attached(mps, progress)
             except TimeoutError:
                 if scope.cancel_called:
                     raise StartupTimeout(f"{self.key} not ready after "
@@ -101,7 +136,7 @@ class Engine:
                 raise
         took = time.monotonic() - started
         _log.info("engine_ready", gpu=self.plan.gpu, engine=self.key, port=self.plan.port,
-                  seconds=round(took, 3))
+                  seconds=round(took, 3), msg=f"{self.key}: ready in {took:.1f} s")
         return took
 
     async def watch_health(self) -> None:
@@ -143,9 +178,10 @@ class Engine:
             return set()
         return group_pids(self.pid) & await mps.clients()
 
-    async def _wait_attached(self, mps: MpsDaemon) -> None:
+    async def _wait_attached(self, mps: MpsDaemon, progress: _Progress) -> None:
         while not await self.mps_clients(mps):
             self._check_alive("before attaching to MPS")
+            progress.tick()
             await anyio.sleep(_READY_POLL_S)
 
     async def _healthy(self) -> bool:

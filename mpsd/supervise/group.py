@@ -278,6 +278,10 @@ class GpuGroup:
         """Start one engine and wait until it is ready; None after reporting a fault."""
         engine = Engine(plan, self._session, self.options.registry)
         self.engines[plan.key] = engine
+        order = next((i for i, e in enumerate(self.plan.engines, 1) if e.key == plan.key), 0)
+        _log.info("engine_starting", gpu=self.key, engine=plan.key, model=plan.model,
+                  msg=f"{plan.key}: starting, engine {order} of {len(self.plan.engines)} "
+                      f"on {self.key}")
         await engine.start()
         try:
             await engine.wait_ready(mps)
@@ -352,6 +356,8 @@ class GpuGroup:
                 self.plan.log_dir, environ=self.options.environ, extra_env=self.options.mps.env,
                 registry=self.options.registry,
                 command_timeout_s=self.options.mps.command_timeout_s, on_log=self._on_mps_log)
+            _log.info("mps_daemon_starting", gpu=self.key,
+                      msg=f"{self.key}: starting its MPS control daemon")
             try:
                 await self.mps.start()
             except MpsCommandError as exc:

@@ -57,8 +57,10 @@ class ChildProcess:
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], *,
                  cpus: Sequence[int] | None = None, registry: Path | None = None,
                  log_fields: Mapping[str, Any] | None = None,
-                 on_line: Callable[[str], None] | None = None) -> None:
-        """``on_line`` takes over the child's output lines (else each is an ``output`` event)."""
+                 on_line: Callable[[str], None] | None = None,
+                 quiet: Callable[[str], bool] | None = None) -> None:
+        """``on_line`` takes over the child's output lines (else each is an ``output`` event at
+        the level the line states); lines for which ``quiet`` is true are dropped."""
         self.name = name
         self.argv = tuple(argv)
         self.env = dict(env)
@@ -66,6 +68,7 @@ class ChildProcess:
         self._registry = registry
         self._fields = dict(log_fields or {})
         self._on_line = on_line
+        self._quiet = quiet
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -162,6 +165,7 @@ class ChildProcess:
     async def _drain_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         fields = {"name": self.name, "pid": self._proc.pid, **self._fields}
+        level = "info"
         while True:
             try:
                 raw = await self._proc.stdout.readline()
@@ -175,7 +179,9 @@ class ChildProcess:
             if self._on_line is not None:  # the owner parses and logs this output itself
                 self._on_line(line)
                 continue
-            level = "warning" if ("ERROR" in line or "Traceback" in line) else "info"
+            if self._quiet is not None and self._quiet(line):
+                continue
+            level = logs.engine_line_level(line, level)
             _log.log(logs.level_number(level), "output", line=line, **fields)
 
     def _record_file(self) -> Path | None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -51,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from tests.fakes import fakeutil
 from tests.fakes.fake_vllm_api import VERSION
@@ -110,6 +112,17 @@ def parse_args(argv: list[str]) -> Args:
     args.shutdown_timeout = float(flags.get("shutdown-timeout", "0"))
     args.max_model_len = int(flags.get("max-model-len", "2048"))
     return args
+
+
+class UvicornAccessLog(AbstractAccessLogger):
+    """uvicorn's access-log line, as ``vllm serve`` prints it for every request."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client = f"{peer[0]}:{peer[1]}" if peer else "-"
+        version = f"{request.version.major}.{request.version.minor}"
+        print(f'INFO:     {client} - "{request.method} {request.path_qs} HTTP/{version}" '
+              f"{response.status} {response.reason}", flush=True)
 
 
 def vlog(level: str, message: str, src: str = "api_server.py:1") -> None:
@@ -189,7 +202,11 @@ class ApiServer:
             vlog("ERROR", "RuntimeError: Engine core initialization failed. See root cause "
                  "above. Failed core proc(s): {'EngineCore_DP0': 1}", "core_client.py:1")
             return self._exit(1, "engine_core_init_failed")
-        runner = web.AppRunner(make_app(self.st), handler_cancellation=True, access_log=None)
+        access: dict[str, Any] = {"access_log": None}
+        if "disable-uvicorn-access-log" not in a.flags:  # vLLM's default: a line per request
+            access = {"access_log": logging.getLogger("uvicorn.access"),
+                      "access_log_class": UvicornAccessLog}
+        runner = web.AppRunner(make_app(self.st), handler_cancellation=True, **access)
         await runner.setup()
         handler = runner.server
         assert handler is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import socket
 import stat
 import subprocess
@@ -29,7 +30,7 @@ import structlog
 from mpsd.config import parse_config
 from mpsd.control import client as control_client
 from mpsd.control.server import ControlServer, ControlSocketError
-from mpsd.control.text import ago, clean, render
+from mpsd.control.text import ago, clean, ready_line, render
 from mpsd.plan.build import HostFacts, build_plan
 from mpsd.plan.cpus import cpu_list
 from mpsd.pool import BackendPool
@@ -444,3 +445,15 @@ def test_cpu_list_and_clean() -> None:
     assert cpu_list([]) == ""
     assert clean(None) == "-" and clean("") == "-" and clean(3) == "3"
     assert clean("a\tb\x1b[31mc\x9bd") == "a b?[31mc?d"
+
+
+def test_ready_line_gives_a_request_that_a_shell_can_run() -> None:
+    line = ready_line(2, 2, "0.0.0.0:8000", "it's", True, "1/1 GPUs running")
+    assert line.startswith("ready: 2/2 engines \u2014 try: curl -s http://127.0.0.1:8000/v1/")
+    assert "-H 'Authorization: Bearer KEY'" in line
+    command = line.split("try: ", 1)[1]
+    argv = shlex.split(command)
+    assert json.loads(argv[-1]) == {"model": "it's", "prompt": "Hello", "max_tokens": 8}
+    failed = ready_line(0, 2, "[::1]:8000", None, False, "0/1 GPUs running; gpu0 FAILED: x")
+    assert failed == ("not ready: 0/2 engines serve (0/1 GPUs running; gpu0 FAILED: x); "
+                      "see `mpsd status`")

@@ -58,7 +58,7 @@ def test_vllm_argv_env_and_ports() -> None:
     assert first.argv == (
         "vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct", "--host", "127.0.0.1", "--port", "18100",
         "--served-model-name", "Qwen/Qwen2.5-0.5B-Instruct", "--gpu-memory-utilization", "0.45",
-        "--shutdown-timeout", "15", "--port-hint", "18100")
+        "--shutdown-timeout", "15", "--disable-uvicorn-access-log", "--port-hint", "18100")
     env = first.env
     assert env["CUDA_VISIBLE_DEVICES"] == UUID0
     assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/run/mpsd/gpu0/pipe"

@@ -1,0 +1,95 @@
+"""Logs for people: engine output levels, the probes' access lines, the console and journal
+renderings. Rendering goes through structlog with the real processors of each format, writing to
+an in-memory stream that stands in for stderr."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from mpsd import logs
+
+VLLM_ERROR = ("(EngineCore pid=13239) ERROR 12-04 15:54:01 [core.py:1512] "
+              "EngineCore encountered a fatal error.")
+
+
+@pytest.mark.parametrize(("line", "previous", "level"), [
+    ("(APIServer pid=12972) INFO 12-04 15:53:37 [api_utils.py:286] non-default args", "error",
+     "info"),
+    ("(Worker pid=13263) WARNING 12-04 15:53:59 [cpu_worker.py:114] libtcmalloc", "info",
+     "warning"),
+    (VLLM_ERROR, "info", "error"),
+    ("(EngineCore pid=13239) ERROR 12-04 15:54:01 [core.py:1512] Traceback (most recent", "info",
+     "error"),
+    ("Traceback (most recent call last):", "error", "error"),  # continues the ERROR before
+    ('  File "x.py", line 3, in f', "info", "info"),
+    ("W1204 15:53:37.516000 12972 torch/_library/triton.py:53] Triton not available", "info",
+     "warning"),
+    ("[W1204 15:53:59.728072791 utils.cpp:68] Warning: NUMA binding", "info", "warning"),
+    ("/v/lib/dispatcher.py:138: FutureWarning: `torch.distributed.reduce_op` is deprecated",
+     "info", "warning"),
+    ("ERROR:    Exception in ASGI application", "info", "error"),
+    ("INFO:     Started server process [12972]", "warning", "info"),
+])
+def test_engine_line_level(line: str, previous: str, level: str) -> None:
+    assert logs.engine_line_level(line, previous) == level
+
+
+def test_probe_access_lines_are_recognised_and_nothing_else() -> None:
+    quiet = logs.probe_access_line({"/health", "/metrics"})
+    assert quiet('INFO:     127.0.0.1:42650 - "GET /health HTTP/1.1" 200 OK')
+    assert quiet('(APIServer pid=1) INFO [h11.py:1] 127.0.0.1:1 - "GET /metrics HTTP/1.1" 200')
+    assert quiet('127.0.0.1 [04/Dec/2026:15:54:01 +0000] "GET /health?x=1 HTTP/1.1" 503 0')
+    assert not quiet('INFO:     127.0.0.1:42650 - "POST /v1/completions HTTP/1.1" 200 OK')
+    assert not quiet('INFO:     127.0.0.1:42650 - "GET /healthz HTTP/1.1" 200 OK')
+    assert not quiet("(APIServer pid=1) INFO 12-04 15:54:01 [api.py:1] GET /health is ready")
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def emitted(fmt: logs.LogFormat, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The lines three typical events make in ``fmt``, on a stderr that is not a terminal."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)  # here: pytest swaps stderr between phases
+    logs.setup(fmt)
+    emit()
+    return stream.getvalue().splitlines()
+
+
+def emit() -> None:
+    log = logs.get("mpsd.engine")
+    log.info("output", line=VLLM_ERROR, name="gpu0/tiny-0", pid=7, gpu="gpu0", engine="gpu0/tiny-0")
+    log.info("mpsd_ready", msg="ready: 2/2 engines - try: curl -s localhost:8000/v1/models",
+             engines=2)
+    log.warning("health_probe_failed", engine="gpu0/tiny-1", failures=1)
+
+
+def test_console_format_reads_as_sentences(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, ready, probe = lines = emitted("console", monkeypatch)
+    assert first.endswith(f" info  gpu0/tiny-0 | {VLLM_ERROR}")
+    assert ready.endswith(" info  ready: 2/2 engines - try: curl -s localhost:8000/v1/models  "
+                          "engines=2")
+    assert probe.endswith(" warn  health_probe_failed  engine=gpu0/tiny-1 failures=1")
+    assert "component" not in "".join(lines)
+
+
+def test_journal_format_has_priorities_and_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, ready, probe = emitted("journal", monkeypatch)
+    assert first == f"<6>gpu0/tiny-0 | {VLLM_ERROR}"
+    assert ready == "<6>ready: 2/2 engines - try: curl -s localhost:8000/v1/models engines=2"
+    assert probe == "<4>health_probe_failed engine=gpu0/tiny-1 failures=1"
+
+
+def test_json_format_keeps_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, ready, _ = (json.loads(line) for line in emitted("json", monkeypatch))
+    assert first["event"] == "output" and first["line"] == VLLM_ERROR and first["pid"] == 7
+    assert ready["event"] == "mpsd_ready" and ready["msg"].startswith("ready: 2/2")
