@@ -23,8 +23,8 @@ def test_probe_access_lines_never_reach_the_log(mpsd: Mpsd) -> None:
                     "--served-model-name", "tiny"]}}
     mpsd.start()
     mpsd.wait_state("gpu0", "running")
-    wait_until(lambda: b'engine="gpu0/tiny-0"' in http("GET", f"{mpsd.url}/metrics")[2], 20,
-               "an engine /metrics scrape")
+    wait_until(lambda: b'vllm:num_requests_running{' in http(
+        "GET", f"{mpsd.url}/metrics/engines")[2], 20, "a scrape of the engine's /metrics")
     code, _, _ = http("POST", f"{mpsd.url}/v1/completions",
                       {"model": "tiny", "prompt": "hi", "max_tokens": 2})
     assert code == 200
