@@ -107,6 +107,15 @@ class _ScriptedConn(asyncio.Protocol):
                 self._later(0.002 * (n + 1), self._finish_stream)
             else:
                 self._later(0.002 * (n + 1), self._cut)
+        elif kind == "big":  # a JSON body of ``arg`` bytes, written at once
+            body = b'{"pad":"%s"}' % (b"x" * (int(arg) - 10))
+            self._send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        elif kind == "flood":  # ``arg`` SSE events, written at once
+            self._send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                       b"transfer-encoding: chunked\r\n\r\n"
+                       + b"".join(_chunk(sse_event(i)) for i in range(int(arg))))
+            self._finish_stream()
         elif kind == "cutjson":  # promises 100 bytes, sends 10, dies
             self._send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                        b"content-length: 100\r\n\r\n" + b'{"partial"')

@@ -376,9 +376,6 @@ class RequestParser:
         del buf[:end + 4]
         self._scanned = 0
         request = parse_head(self.head_bytes, self.limits)
-        if request.content_length is not None and (
-                request.content_length > self.limits.max_body_bytes):
-            raise HttpError(413, f"the request body exceeds {self.limits.max_body_bytes} bytes")
         self.request = request
         self.phase = Phase.BODY
         if request.chunked:
@@ -401,6 +398,9 @@ class RequestParser:
             self._decoder = None
         elif request.content_length:
             n = request.content_length
+            if n > self.limits.max_body_bytes:  # here, not in head(): keys are checked first
+                raise HttpError(413, f"the request body exceeds {self.limits.max_body_bytes} "
+                                     "bytes")
             if len(buf) < n:
                 return False
             request.body = bytes(buf[:n])

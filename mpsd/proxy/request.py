@@ -13,12 +13,15 @@ from mpsd.proxy.framing import Request
 
 _WS = re.compile(rb"[ \t\r\n]*")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's inside, up to its quote
 _SCALAR = re.compile(rb"[^,}\]\s]*")
 # strings and other bytes up to the next bracket: one C-level match per bracket skipped
 _RUN = re.compile(rb'[^"{}\[\]]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"{}\[\]]*)*')
-_STEP = 256  # brackets skipped between two yields of the scan (~50 µs of work)
+_WINDOW = 1 << 16  # bytes one regex call may look at (~0.1 ms): a 32 MiB string is many calls
+_STEP = 256  # brackets (or windows) between two yields of the scan
 
 ModelScan = Generator[None, None, "str | None"]
+_Span = Generator[None, None, int]
 
 
 def load_api_keys(path: str) -> tuple[bytes, ...] | None:
@@ -35,59 +38,110 @@ def load_api_keys(path: str) -> tuple[bytes, ...] | None:
 
 
 def model_scan(body: bytes) -> ModelScan:
-    """Find the top-level ``model`` of a JSON body, yielding every :data:`_STEP` brackets.
+    """Find the top-level ``model`` of a JSON body, yielding after every bounded piece of work.
 
     A scan of the top-level object only: nested values are skipped by counting brackets (no
     recursion, so no depth limit to hit), and a ``"model"`` inside them is never taken for the
-    body's. ``None`` for no top-level string ``model`` or a body that is not a JSON object (the
-    engine then answers the 400). The caller runs it in bounded slices (:func:`run_scan`), so a
-    32 MiB body never holds the event loop.
+    body's. No regex call looks at more than :data:`_WINDOW` bytes, so a huge string or a run of
+    brackets is many small steps. ``None`` for no top-level string ``model`` or a body that is
+    not a JSON object (the engine then answers the 400). The caller runs it in slices
+    (:func:`run_scan`), so a 32 MiB body never holds the event loop.
     """
-    pos = _WS.match(body).end()  # type: ignore[union-attr]
+    if len(body) <= _WINDOW:  # the usual request: the json module is quicker, and bounded
+        try:
+            return _model_parsed(json.loads(body))
+        except ValueError:
+            return None
+        except RecursionError:
+            pass  # deeply nested: the scan below has no depth limit
+    pos = yield from _span(_WS, body, 0)
     if body[pos:pos + 1] != b"{":
         return None
     pos += 1
     while True:
-        key = _STRING.match(body, _WS.match(body, pos).end())  # type: ignore[union-attr]
-        if key is None:
+        start = yield from _span(_WS, body, pos)
+        pos = yield from _string(body, start)
+        if pos < 0:
             return None
-        pos = _WS.match(body, key.end()).end()  # type: ignore[union-attr]
+        name = body[start:pos] if pos - start < 64 else b""
+        pos = yield from _span(_WS, body, pos)
         if body[pos:pos + 1] != b":":
             return None
-        pos = _WS.match(body, pos + 1).end()  # type: ignore[union-attr]
+        pos = yield from _span(_WS, body, pos + 1)
         first = body[pos:pos + 1]
         if first == b'"':
-            value = _STRING.match(body, pos)
-            if value is None:
+            value_at = pos
+            pos = yield from _string(body, pos)
+            if pos < 0:
                 return None
-            name = key.group()
             if name == b'"model"' or (b"\\" in name and _text(name) == "model"):
-                return _text(value.group())
-            pos = value.end()
+                return _text(body[value_at:pos])
         elif first in (b"{", b"["):
-            depth = 0
-            steps = 0
-            while True:
-                bracket = body[pos:pos + 1]
-                if bracket in (b"{", b"["):
-                    depth += 1
-                elif bracket in (b"}", b"]"):
-                    depth -= 1
-                else:  # the end of the body, or an unterminated string
-                    return None
-                pos += 1
-                if depth == 0:
-                    break
-                pos = _RUN.match(body, pos).end()  # type: ignore[union-attr]
-                steps += 1
-                if steps % _STEP == 0:
-                    yield
+            pos = yield from _nested(body, pos)
+            if pos < 0:
+                return None
         else:
-            pos = _SCALAR.match(body, pos).end()  # type: ignore[union-attr]
-        pos = _WS.match(body, pos).end()  # type: ignore[union-attr]
+            pos = yield from _span(_SCALAR, body, pos)
+        pos = yield from _span(_WS, body, pos)
         if body[pos:pos + 1] != b",":
             return None
         pos += 1
+
+
+def _span(pattern: re.Pattern[bytes], body: bytes, pos: int) -> _Span:
+    """Where ``pattern`` (one that cannot fail) stops matching from ``pos``, a window at a time."""
+    n = len(body)
+    while True:
+        end = min(pos + _WINDOW, n)
+        stop = pattern.match(body, pos, end).end()  # type: ignore[union-attr]
+        if stop < end or end == n:
+            return stop
+        pos = stop
+        yield
+
+
+def _string(body: bytes, pos: int) -> _Span:
+    """The index just past the JSON string at ``pos``; -1 if there is none."""
+    match = _STRING.match(body, pos, pos + _WINDOW)
+    if match is not None:
+        return match.end()
+    if body[pos:pos + 1] != b'"':
+        return -1
+    pos += 1
+    while True:
+        pos = yield from _span(_CONTENT, body, pos)
+        if body[pos:pos + 1] == b'"':
+            return pos + 1
+        if body[pos:pos + 1] != b"\\" or pos + 2 > len(body):
+            return -1  # the body ended inside the string
+        pos += 2  # an escape the window cut in two
+
+
+def _nested(body: bytes, pos: int) -> _Span:
+    """The index just past the object or array at ``pos``, by counting brackets."""
+    depth = 0
+    steps = 0
+    n = len(body)
+    while True:
+        char = body[pos:pos + 1]
+        if char in (b"{", b"["):
+            depth += 1
+            pos += 1
+        elif char in (b"}", b"]"):
+            depth -= 1
+            pos += 1
+            if depth == 0:
+                return pos
+        elif char == b'"':  # a string longer than a window
+            pos = yield from _string(body, pos)
+            if pos < 0:
+                return -1
+        elif pos >= n:
+            return -1
+        pos = _RUN.match(body, pos, min(pos + _WINDOW, n)).end()  # type: ignore[union-attr]
+        steps += 1
+        if steps % _STEP == 0:
+            yield
 
 
 def run_scan(scan: ModelScan, slices: int) -> tuple[bool, str | None]:
@@ -103,6 +157,11 @@ def run_scan(scan: ModelScan, slices: int) -> tuple[bool, str | None]:
 def model_of(body: bytes) -> str | None:
     """The top-level ``model`` of a JSON body, scanned to the end in one go (tests, tools)."""
     return run_scan(model_scan(body), 1 << 62)[1]
+
+
+def _model_parsed(doc: object) -> str | None:
+    value = doc.get("model") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _text(token: bytes) -> str | None:

@@ -98,6 +98,18 @@ class TestModelOf:
     )
     def test_model_of(self, body: bytes, model: str | None) -> None:
         assert model_of(body) == model
+        if body.startswith(b"{"):  # the same past the json module's size: the bounded scan
+            padded = b'{"pad": ["' + b"x]{" * 30000 + b'", {"model": "no"}], ' + body[1:]
+            assert model_of(padded) == model
+
+    def test_top_level_only_and_no_recursion_limit(self) -> None:
+        assert model_of(b'{"metadata":{"model":"inner"}}') is None
+        deep = b"[" * 200_000 + b"]" * 200_000
+        assert model_of(b'{"a":' + deep + b',"model":"m"}') == "m"
+        assert model_of(b'{"a":' + deep + b'}') is None
+        assert model_of(b'{"a":"' + b"\\\"" * 50_000 + b'","model":"m"}') == "m"
+        assert model_of(b'{"a":"' + b"x" * 200_000) is None  # cut inside a string
+        assert model_of(b'{"a":' + b"[" * 100_000) is None
 
 
 class TestErrorShapes:
