@@ -30,7 +30,7 @@ from mpsd.errors import ConfigError, ExitCode
 from mpsd.host.facts import resolve
 from mpsd.host.nvml import XidWatcher
 from mpsd.observe.metrics import Metrics, metrics_handler
-from mpsd.observe.status_page import status_page_handler
+from mpsd.observe.status_page import status_page_handler, status_page_redirect
 from mpsd.observe.systemd import Notifier
 from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
@@ -210,6 +210,7 @@ async def run(file: str) -> ExitCode:
         proxy.add_route("GET", "/metrics", metrics_handler(metrics.render))
         proxy.add_route("GET", "/metrics/engines", metrics_handler(metrics.render_engines))
         proxy.add_route("GET", "/mpsd/", status_page_handler)
+        proxy.add_route("GET", "/mpsd", status_page_redirect)
         daemon = Daemon(file, config, supervisor, proxy, notifier)
         await proxy.start()
         stack.push_async_callback(lambda: proxy.stop(daemon.config.proxy.drain_timeout_s))

@@ -101,6 +101,10 @@ class Metrics:
         self._restarts = Counter(
             "mpsd_group_restarts", "Group restarts (reason: the fault signal, or 'operator').",
             ["gpu", "reason"], registry=r)
+        self._engine_restarts = Counter(
+            "mpsd_engine_restarts", "Engine restarts after a fault: the engine's alone (MPS off) "
+            "or its whole group's (reason: the fault signal).", ["gpu", "engine", "reason"],
+            registry=r)
         self._faults = Counter("mpsd_fault_detected", "Faults detected, by signal.",
                                ["gpu", "signal"], registry=r)
         self._recovery = Histogram(
@@ -169,13 +173,21 @@ class Metrics:
             if old is GroupState.BACKOFF:
                 reason = self._last_signal.get(group.key, "unknown")
                 self._restarts.labels(group.key, reason).inc()
+                for engine in group.plan.engines:
+                    self._engine_restarts.labels(group.key, engine.key, reason).inc()
             elif old is GroupState.FAILED:
                 self._restarts.labels(group.key, OPERATOR).inc()
 
     def fault(self, group: GpuGroup, fault: Fault) -> None:
-        """Count the fault by signal (never by reason: free text would explode the series)."""
+        """Count the fault by signal (never by reason: free text would explode the series).
+
+        A fault of one engine that restarts alone (MPS off) is also a restart of its group
+        (the group stays RUNNING, so ``state_changed`` never sees it)."""
         self._faults.labels(group.key, fault.signal).inc()
         self._last_signal[group.key] = fault.signal
+        if fault.engine and not fault.fatal:
+            self._restarts.labels(group.key, fault.signal).inc()
+            self._engine_restarts.labels(group.key, fault.engine, fault.signal).inc()
 
     def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None:
         self._recovery.labels(group.key, phase).observe(seconds)

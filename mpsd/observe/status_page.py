@@ -1,4 +1,5 @@
-"""``GET /mpsd/``: a one-file status page over ``/mpsd/status`` for an operator's browser.
+"""``GET /mpsd/``: a one-file status page over ``/mpsd/status`` for an operator's browser
+(``GET /mpsd``, as people type it, redirects there).
 
 Self-contained on purpose: mpsd runs on GPU hosts that often reach no CDN, and a page with no
 external assets, no build step and no framework keeps working (and reviewable) as one string.
@@ -30,3 +31,9 @@ _HEADERS = {
 async def status_page_handler(request: web.BaseRequest) -> web.Response:
     """Serve the page (register it on ``GET /mpsd/``; it fetches ``/mpsd/status`` itself)."""
     return web.Response(body=_BODY, headers=_HEADERS)
+
+
+async def status_page_redirect(request: web.BaseRequest) -> web.Response:
+    """``GET /mpsd`` → ``/mpsd/``. The location is relative (``mpsd/``) so that it stays right
+    behind a reverse proxy that mounts mpsd under a prefix."""
+    return web.Response(status=308, headers={"Location": "mpsd/", "Cache-Control": "no-store"})

@@ -39,11 +39,13 @@ _STATUS_FAILURES = 3
 
 @dataclass(frozen=True)
 class Fault:
-    """Why an attempt ended. ``fatal`` faults go to FAILED without a restart."""
+    """Why an attempt ended. ``fatal`` faults go to FAILED without a restart. ``engine`` names
+    the one engine that restarts alone (MPS off); empty when the whole group restarts."""
 
     signal: str
     reason: str
     fatal: bool = False
+    engine: str = ""
 
 
 class GroupObserver(Protocol):
@@ -150,7 +152,7 @@ class GpuGroup:
         for engine_plan in plan.engines:
             if engine_plan.key not in old and not await self._roll_in(engine_plan):
                 return True
-        self._set_reason(f"{len(plan.engines)} engines ready")
+        self._set_reason(self._ready_reason())
         return True
 
     async def _roll_in(self, plan: EnginePlan) -> bool:
@@ -270,7 +272,7 @@ class GpuGroup:
             self._observer.recovered(self, "engine", time.monotonic() - t0)
             self._recovering_since = None
         self._ever_ready = True
-        self._set_state(GroupState.RUNNING, f"{len(self.plan.engines)} engines ready")
+        self._set_state(GroupState.RUNNING, self._ready_reason())
         tg.start_soon(self._forgive_when_stable)
 
     async def _start_engine(self, plan: EnginePlan, mps: MpsDaemon | None,
@@ -307,14 +309,14 @@ class GpuGroup:
             engine = await self._start_engine(plan, None, on_fault)
             if engine is None:
                 return
+            if ready.is_set() and self.state is GroupState.RUNNING:  # back after a restart
+                self._set_reason(self._ready_reason())
             ready.set()
             signal, reason = await self._watch_engine(engine)
             if engine.stopping:
                 return
             self._pool.set_routable(plan.key, False)
             await engine.process.kill()
-            fault = Fault(signal, reason)
-            self._observer.fault(self, fault)
             self.history.append({"at": time.time(), "signal": signal, "reason": reason,
                                  "engine": plan.key})
             now = time.monotonic()
@@ -323,6 +325,9 @@ class GpuGroup:
                 on_fault(Fault(signal, f"crash loop ({self.budget.count(now)} restarts in "
                                        f"{self.budget.window_s:g} s): {reason}", fatal=True))
                 return
+            self._observer.fault(self, Fault(signal, reason, engine=plan.key))
+            if self.state is GroupState.RUNNING:
+                self._set_reason(self._ready_reason(f"{plan.key} restarting: {reason}"))
             delay = self.budget.backoff(now, self._rng)
             _log.warning("engine_restart", gpu=self.key, engine=plan.key, reason=reason,
                          delay_s=round(delay, 2))
@@ -465,6 +470,12 @@ class GpuGroup:
         if self._stop.is_set():
             return
         await self._wake.wait()
+
+    def _ready_reason(self, note: str = "") -> str:
+        """``2/2 engines ready`` (what the pool routes to now), and what is wrong if any."""
+        ready = sum(1 for b in self._pool.snapshot() if b["gpu"] == self.key and b["routable"])
+        text = f"{ready}/{len(self.plan.engines)} engines ready"
+        return f"{text}; {note}" if note else text
 
     def _set_reason(self, reason: str) -> None:
         self.reason = reason

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from http.client import HTTPConnection
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,4 +105,33 @@ def test_status_finds_a_daemon_with_relative_paths_from_anywhere(mpsd: Mpsd) -> 
     assert out.returncode == 0, out.stderr
     assert "gpu0/tiny-0" in out.stdout
     assert (mpsd.workdir / "run" / "control.sock").is_socket()
+    assert mpsd.terminate() == 0
+
+
+def test_an_engine_restarting_alone_shows_in_the_reason_and_the_metrics(mpsd: Mpsd) -> None:
+    mpsd.mps = "off"
+    mpsd.overrides = {"restart": {"backoff_initial_s": 2.0, "backoff_max_s": 2.0}}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    ports = mpsd.engine_ports()
+
+    def reason() -> str:
+        return str(mpsd.status()["groups"][0]["reason"])
+
+    assert reason() == "2/2 engines ready"
+    mpsd.control(ports[0], "crash")
+    restarting = wait_until(lambda: "restarting" in (r := reason()) and r, 20, "restart reason")
+    assert restarting.startswith("1/2 engines ready; gpu0/tiny-0 restarting: ")
+    assert mpsd.status()["groups"][0]["state"] == "running"  # its sibling serves on
+    wait_until(lambda: reason() == "2/2 engines ready", 30, "the reason after the restart")
+    samples = scrape(mpsd)
+    assert value(samples, "mpsd_group_restarts_total", gpu="gpu0") == 1
+    assert value(samples, "mpsd_engine_restarts_total", engine="gpu0/tiny-0") == 1
+    assert value(samples, "mpsd_engine_restarts_total", engine="gpu0/tiny-1") == 0
+
+    conn = HTTPConnection("127.0.0.1", mpsd.port, timeout=10)
+    conn.request("GET", "/mpsd")
+    resp = conn.getresponse()
+    assert (resp.status, resp.getheader("Location")) == (308, "mpsd/")
+    conn.close()
     assert mpsd.terminate() == 0
