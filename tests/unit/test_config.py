@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from mpsd.config import Config, load_config, parse_config, parse_cpu_list, parse_size
+from mpsd.config import (
+    Config,
+    EngineConfig,
+    GpuConfig,
+    load_config,
+    parse_config,
+    parse_cpu_list,
+    parse_size,
+)
 from mpsd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,3 +134,34 @@ def test_relative_paths_are_taken_from_the_config_files_directory(tmp_path: Path
     assert command.model == "/models/x"
     assert parse_config({"daemon": {"state_dir": "rel"}, "gpu": config.model_dump()["gpu"]}
                         ).daemon.state_dir == Path("rel")  # only a file has a directory
+
+
+def _documented_keys(text: str) -> dict[str, set[str]]:
+    """``key = …`` lines (also commented out, ``# key = …``) of each section of a TOML file."""
+    found: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        header = re.match(r"^\s*\[\[?([\w.]+)\]\]?", line)
+        if header:
+            section = header.group(1)
+            found.setdefault(section, set())
+            continue
+        key = re.match(r"^\s*#?\s*([a-z_]+)\s*=", line)
+        if key and section:
+            found[section].add(key.group(1))
+    return found
+
+
+def test_every_config_key_is_documented_in_the_shipped_file() -> None:
+    documented = _documented_keys((REPO / "etc" / "mpsd" / "mpsd.toml").read_text())
+    sections: dict[str, type[BaseModel]] = {
+        name: info.annotation for name, info in Config.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+    assert set(sections) == {"daemon", "proxy", "mps", "restart"}
+    missing = [f"[{name}] {key}" for name, model in sections.items()
+               for key in model.model_fields if key not in documented.get(name, set())]
+    missing += [f"[[gpu]] {key}" for key in GpuConfig.model_fields
+                if key != "engine" and key not in documented["gpu"]]
+    engine_keys = documented["defaults"] | documented["gpu.engine"]
+    missing += [f"engine {key}" for key in EngineConfig.model_fields if key not in engine_keys]
+    assert not missing, "document these keys in etc/mpsd/mpsd.toml"
