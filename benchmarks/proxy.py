@@ -312,8 +312,8 @@ async def _serve_pipe(port: int, upstreams: list[str]) -> None:
         await _until_signalled()
 
 
-async def _serve_mpsd(port: int, upstreams: list[str]) -> None:
-    sys.path.insert(0, str(ROOT))
+async def _serve_mpsd(port: int, upstreams: list[str], root: str) -> None:
+    sys.path.insert(0, root or str(ROOT))
     import structlog  # noqa: PLC0415 (only the process that serves)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
                         cache_logger_on_first_use=True)
@@ -639,6 +639,9 @@ def _arms(args: argparse.Namespace, engine_ports: list[int]) -> list[tuple[str, 
                             ("mpsd", "_mpsd", "uvloop")):
         if name in wanted:
             arms.append((name, _self(cmd, "--upstreams", urls, loop=loop)))
+    if args.baseline:  # the same arm from another source tree, measured side by side
+        arms.append(("mpsd-baseline", _self("_mpsd", "--upstreams", urls, "--root",
+                                            str(Path(args.baseline).resolve()))))
     return arms
 
 
@@ -669,6 +672,10 @@ def main(argv: list[str] | None = None) -> int:
                         "shared machine, keeps other tenants' processes out of the latencies")
     parser.add_argument("--cpu-pid", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--baseline", default="",
+                        help="a source tree of mpsd (e.g. `git archive` of an earlier commit) "
+                             "served as an extra arm, mpsd-baseline")
+    parser.add_argument("--root", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.loop == "uvloop" and args.cmd.startswith("_"):
@@ -687,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_floor(args.port))
         return 0
     if args.cmd == "_mpsd":
-        asyncio.run(_serve_mpsd(args.port, args.upstreams.split(",")))
+        asyncio.run(_serve_mpsd(args.port, args.upstreams.split(","), args.root))
         return 0
     if args.cmd == "_load":
         ports = [int(p) for p in args.ports.split(",")]

@@ -29,7 +29,7 @@ _HOP_REQUEST = frozenset({
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # control bytes other than HTAB, CR and LF (CR and LF are checked as line ends)
 _CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
+_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 _ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]+")
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
@@ -97,12 +97,13 @@ def parse_head(head: bytes, limits: Limits = Limits()) -> Request:
     forward = request.forward
     connection = b""
     hosts = 0
+    long_lines = len(head) > limits.max_header_line_bytes
     for line in lines[1:]:
-        if len(line) > limits.max_header_line_bytes:
+        if long_lines and len(line) > limits.max_header_line_bytes:
             raise HttpError(431, f"a header line is longer than {limits.max_header_line_bytes} "
                                  "bytes")
         name, sep, value = line.partition(b":")
-        if not sep or not _is_token(name):
+        if not sep or (name not in _KNOWN_NAMES and not _is_token(name)):
             raise HttpError(400, "malformed header line (the name must be a token, then ':')")
         lname = name.lower()
         if lname not in _HOP_REQUEST:
@@ -139,7 +140,9 @@ def _request_line(line: bytes, limits: Limits) -> Request:
         raise HttpError(431, f"the request line is longer than {limits.max_request_line_bytes} "
                              "bytes")
     parts = line.split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+    # (control bytes other than HTAB were refused for the whole head already)
+    if (len(parts) != 3 or not parts[1] or b"\t" in parts[1]
+            or (parts[0] not in _METHODS and not _TOKEN.fullmatch(parts[0]))):
         raise HttpError(400, "malformed request line")
     method, target, version = parts
     if version == b"HTTP/1.1":
@@ -203,6 +206,53 @@ def chunk_size(line: bytes) -> int:
     return int(match.group(1), 16) if match is not None else -1
 
 
+# Hop-by-hop response headers: dropped when a head is rebuilt for the client.
+HOP_RESPONSE = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"content-length", b"proxy-authenticate",
+})
+_HOP_RESPONSE_RE = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te:|trailer|upgrade)")
+
+
+class ResponseHead:
+    """What the proxy needs from an engine's response head, read without splitting it: the
+    relay forwards most heads verbatim, so the usual head costs a few ``find`` calls."""
+
+    __slots__ = ("chunked", "close", "hop_by_hop", "http11", "length", "sse", "status")
+
+    def __init__(self, head: bytes) -> None:
+        """Raise ``ValueError`` for a head that is not an HTTP/1.x response."""
+        lower = head.lower()
+        if not lower.startswith(b"http/1."):
+            raise ValueError(head[:20])
+        self.status = status_of(head)
+        self.http11 = lower.startswith(b"http/1.1 ")
+        self.close = not self.http11 or b"close" in _header(lower, b"\r\nconnection:")
+        self.sse = b"text/event-stream" in lower
+        length = _header(lower, b"\r\ncontent-length:")
+        if length and not (length.isdigit() and length.isascii()):
+            raise ValueError(length)
+        self.length = int(length) if length else None
+        self.chunked = _header(lower, b"\r\ntransfer-encoding:").endswith(b"chunked")
+        self.hop_by_hop = _HOP_RESPONSE_RE.search(lower) is not None
+
+
+def status_of(head: bytes) -> int:
+    """The status code of a response head; 0 if it has none."""
+    code = head[9:12]
+    return int(code) if len(code) == 3 and code.isdigit() and code.isascii() else 0
+
+
+def _header(lower: bytes, name: bytes) -> bytes:
+    """The (lower-cased, stripped) value of the first header ``name`` in a lower-cased head."""
+    at = lower.find(name)
+    if at < 0:
+        return b""
+    at += len(name)
+    end = lower.find(b"\r\n", at)
+    return lower[at:end if end >= 0 else len(lower)].strip()
+
+
 class FramingError(HttpError):
     """The chunked framing is broken (or over a limit): nothing after it can be trusted."""
 
@@ -253,6 +303,16 @@ class ChunkedDecoder:
 
         Raises :class:`FramingError` on malformed framing or a body over ``max_body``.
         """
+        if out is None and self.state == _SIZE and not self._partial:
+            # the hot path of a relayed stream: one read is exactly one chunk (an SSE event)
+            nl = data.find(b"\r\n", 0, 18)
+            if nl > 0 and not data[:nl].translate(None, _HEXDIGITS):
+                size = int(data[:nl], 16)
+                if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
+                    self.total += size
+                    if self.total > self.max_body:
+                        raise FramingError(413, f"the body exceeds {self.max_body} bytes")
+                    return -1
         offset = len(self._partial)
         buf = self._partial + data if offset else data
         pos, n, state, left = 0, len(buf), self.state, self.left
@@ -403,7 +463,8 @@ class RequestParser:
                                      "bytes")
             if len(buf) < n:
                 return False
-            request.body = bytes(buf[:n])
+            with memoryview(buf) as view:  # one copy of a body that may be 32 MiB
+                request.body = bytes(view[:n])
             del buf[:n]
         self.phase = Phase.HEAD
         self.request = None

@@ -24,6 +24,7 @@ from mpsd.proxy.errors import error_body, reason
 from mpsd.proxy.framing import HttpError, Limits, Phase, Request, RequestParser
 
 MAX_PIPELINED_BYTES = 1024 * 1024
+LINGER_S = 2.0  # after a refusal, how long the rest of a request is read and dropped
 
 
 class Handler(Protocol):
@@ -59,9 +60,9 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep-alive, pipelining."""
 
-    __slots__ = ("_buf", "_handler", "_http11", "_loop", "_parser", "_paused_reading",
-                 "_processing", "_write_paused", "busy", "closed", "exchange", "head_started",
-                 "last_active", "task", "transport")
+    __slots__ = ("_buf", "_handler", "_http11", "_linger", "_loop", "_parser",
+                 "_paused_reading", "_processing", "_write_paused", "busy", "closed", "exchange",
+                 "head_started", "last_active", "lingering_since", "task", "transport")
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         # the loop is passed in, not looked up: on Python 3.11 every get_running_loop() call
@@ -74,6 +75,8 @@ class FrontConnection(asyncio.Protocol):
         self._write_paused = False
         self._processing = False
         self._http11 = True
+        self._linger = False
+        self.lingering_since = 0.0
         self.transport: asyncio.Transport | None = None
         self.busy = False
         self.closed = False
@@ -209,6 +212,10 @@ class FrontConnection(asyncio.Protocol):
         """The housekeeping sweep's timeouts: a head must arrive within ``head_s``, a body may
         not stall for ``body_s``, an idle keep-alive connection lasts ``idle_s`` (408 for the
         first two, where a response can still be sent)."""
+        if self.lingering_since and now - self.lingering_since > LINGER_S:
+            if self.transport is not None:
+                self.transport.close()
+            return
         if self.busy or self.closed:
             return
         if self._parser.phase == Phase.BODY:
@@ -253,6 +260,7 @@ class FrontConnection(asyncio.Protocol):
         it, and close the connection, since what follows on it cannot be framed."""
         self.busy = True
         self._http11 = http11
+        self._linger = True
         self._handler.rejected(status)
         self.respond(status, error_body(status, message), keep_alive=False, extra=extra)
 
@@ -263,7 +271,15 @@ class FrontConnection(asyncio.Protocol):
         self.task = None
         if not keep_alive or self.closed:
             if self.transport is not None:
-                self.transport.close()
+                if self._linger and not self.closed and self.transport.can_write_eof():
+                    # a lingering close: a client still sending its body would otherwise get
+                    # a reset instead of the answer; what it sends now is read and dropped
+                    self.transport.write_eof()
+                    self.lingering_since = self._loop.time()
+                    if self._paused_reading:
+                        self.transport.resume_reading()
+                else:
+                    self.transport.close()
             self.closed = True
             self._handler.request_finished(self)
             return

@@ -9,12 +9,19 @@ chunk-size lines are read, to find where the response ends.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from mpsd.pool import Lease
 from mpsd.proxy.errors import sse_error_event
-from mpsd.proxy.framing import ChunkedDecoder, FramingError, Limits, Request
+from mpsd.proxy.framing import (
+    HOP_RESPONSE,
+    ChunkedDecoder,
+    FramingError,
+    Limits,
+    Request,
+    ResponseHead,
+    status_of,
+)
 from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.upstream import UpstreamConnection
 
@@ -23,10 +30,6 @@ _ENGINE_LIMITS = Limits()  # an engine's trailers are bounded like a client's
 _UNLIMITED = 1 << 62
 
 _NONE, _LENGTH, _CHUNKED, _DECHUNK, _EOF = range(5)
-_HOP_RESPONSE = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"content-length", b"proxy-authenticate",
-})
 
 
 class Exchange:
@@ -81,7 +84,8 @@ class Exchange:
         assert client.transport is not None
         self._out = client.transport.write
 
-    def start(self, data: bytes, now: float, first_byte_timeout_s: float) -> None:
+    def start(self, data: bytes, now: float, first_byte_timeout_s: float,
+              rest: bytes = b"") -> None:
         upstream = self.upstream
         assert upstream.transport is not None
         upstream.exchange = self
@@ -89,6 +93,8 @@ class Exchange:
         self.deadline = now + first_byte_timeout_s
         self.pool.awaiting.add(self)
         upstream.transport.write(data)
+        if rest:  # a large body, not joined to the head (see upstream_request)
+            upstream.transport.write(rest)
 
     # -- engine -> client -------------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class Exchange:
                 if len(buf) > MAX_HEAD_BYTES:
                     self._fail_before_head(502, "the engine sent an oversized response head")
                 return
-            status = _status_of(buf)
+            status = status_of(buf)
             if 100 <= status < 200 and status != 101:  # interim response: wait for the real one
                 buf = buf[end + 4:]
                 continue
@@ -155,16 +161,11 @@ class Exchange:
 
     def _client_head(self, head: bytes, status: int) -> bytes:
         """The head for the client; verbatim when the engine's has no hop-by-hop headers."""
-        lower = head.lower()
-        if not lower.startswith(b"http/1."):
-            raise ValueError(head[:20])
-        upstream_close = (not lower.startswith(b"http/1.1")
-                          or b"close" in _header(lower, b"\r\nconnection:"))
-        self.reusable = not upstream_close
-        self.sse = b"text/event-stream" in lower
-        length_value = _header(lower, b"\r\ncontent-length:")
-        length = int(length_value) if length_value else None
-        chunked = b"chunked" in _header(lower, b"\r\ntransfer-encoding:")
+        parsed = ResponseHead(head)
+        self.reusable = not parsed.close
+        self.sse = parsed.sse
+        length = parsed.length
+        chunked = parsed.chunked
         bodiless = self.head_only or status in (204, 304) or 100 <= status < 200
         if bodiless:
             self._framing = _NONE
@@ -179,8 +180,8 @@ class Exchange:
             self._framing = _EOF
             self.reusable = False
             self.keep_alive = False
-        if (self.keep_alive and self.http11 and self._framing != _DECHUNK
-                and lower.startswith(b"http/1.1 ") and not _HOP_RE.search(lower)):
+        if (self.keep_alive and self.http11 and self._framing != _DECHUNK and parsed.http11
+                and not parsed.hop_by_hop):
             return head + (b"\r\nx-accel-buffering: no\r\n\r\n" if self.sse else b"\r\n\r\n")
         return self._rebuilt_head(head, length, chunked, bodiless)
 
@@ -189,7 +190,7 @@ class Exchange:
         lines = head.split(b"\r\n")
         out = [b"HTTP/1.1" + lines[0][8:]]
         for line in lines[1:]:
-            if line.partition(b":")[0].strip().lower() not in _HOP_RESPONSE:
+            if line.partition(b":")[0].strip().lower() not in HOP_RESPONSE:
                 out.append(line)
         if self.sse:
             out.append(b"x-accel-buffering: no")
@@ -311,23 +312,3 @@ class Exchange:
         if self._paused and self.upstream.transport is not None:
             self._paused = False
             self.upstream.transport.resume_reading()
-
-
-_HOP_RE = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te:|trailer|upgrade)")
-
-
-def _header(lower: bytes, name: bytes) -> bytes:
-    """The (lower-cased, stripped) value of the first header ``name`` in a lower-cased head."""
-    at = lower.find(name)
-    if at < 0:
-        return b""
-    at += len(name)
-    end = lower.find(b"\r\n", at)
-    return lower[at:end if end >= 0 else len(lower)].strip()
-
-
-def _status_of(buf: bytes) -> int:
-    try:
-        return int(buf[9:12])
-    except ValueError:
-        return 0

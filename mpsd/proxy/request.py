@@ -17,6 +17,8 @@ _CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')  # a string's inside, up to it
 _SCALAR = re.compile(rb"[^,}\]\s]*")
 # strings and other bytes up to the next bracket: one C-level match per bracket skipped
 _RUN = re.compile(rb'[^"{}\[\]]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"{}\[\]]*)*')
+_FIRST_MODEL = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"model"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
+SMALL_BODY = 1 << 16  # bodies the json module parses in well under a millisecond
 _WINDOW = 1 << 16  # bytes one regex call may look at (~0.1 ms): a 32 MiB string is many calls
 _STEP = 256  # brackets (or windows) between two yields of the scan
 
@@ -47,13 +49,6 @@ def model_scan(body: bytes) -> ModelScan:
     not a JSON object (the engine then answers the 400). The caller runs it in slices
     (:func:`run_scan`), so a 32 MiB body never holds the event loop.
     """
-    if len(body) <= _WINDOW:  # the usual request: the json module is quicker, and bounded
-        try:
-            return _model_parsed(json.loads(body))
-        except ValueError:
-            return None
-        except RecursionError:
-            pass  # deeply nested: the scan below has no depth limit
     pos = yield from _span(_WS, body, 0)
     if body[pos:pos + 1] != b"{":
         return None
@@ -155,7 +150,18 @@ def run_scan(scan: ModelScan, slices: int) -> tuple[bool, str | None]:
 
 
 def model_of(body: bytes) -> str | None:
-    """The top-level ``model`` of a JSON body, scanned to the end in one go (tests, tools)."""
+    """The top-level ``model`` of a body of at most :data:`SMALL_BODY` bytes (larger ones:
+    :func:`model_scan`), or of any body when blocking does not matter (tests, tools)."""
+    first = _FIRST_MODEL.match(body)  # '{"model": "x", ...': the first key is top-level
+    if first is not None:
+        return first.group(1).decode("utf-8", "replace")
+    if len(body) <= SMALL_BODY:  # the json module is quicker here, and bounded
+        try:
+            return _model_parsed(json.loads(body))
+        except ValueError:
+            return None
+        except RecursionError:
+            pass  # deeply nested: the scan has no depth limit
     return run_scan(model_scan(body), 1 << 62)[1]
 
 
@@ -185,11 +191,18 @@ def authorized(keys: tuple[bytes, ...], header: bytes) -> bool:
     return ok and scheme.lower() == b"bearer"
 
 
-def upstream_request(request: Request, host: bytes) -> bytes:
-    """The request as the engine gets it: end-to-end headers verbatim, body re-framed."""
+def upstream_request(request: Request, host: bytes) -> tuple[bytes, bytes]:
+    """The request as the engine gets it: end-to-end headers verbatim, body re-framed.
+
+    ``(data, rest)``: a body up to :data:`SMALL_BODY` travels in ``data`` (one write); a larger
+    one is ``rest``, written on its own rather than copied once more into a joined buffer.
+    """
     body = request.body
     sized = body or request.content_length is not None or request.chunked
     headers = b"\r\n".join(request.forward)
-    return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s%s%s" % (
+    joined = len(body) <= SMALL_BODY
+    data = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s%s%s" % (
         request.method, request.target, host, headers, b"\r\n" if headers else b"",
-        b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n", body)
+        b"content-length: %d\r\n\r\n" % len(body) if sized else b"\r\n",
+        body if joined else b"")
+    return data, b"" if joined else body

@@ -45,9 +45,11 @@ from mpsd.proxy.framing import Limits, Request
 from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.relay import Exchange
 from mpsd.proxy.request import (
+    SMALL_BODY,
     ModelScan,
     authorized,
     load_api_keys,
+    model_of,
     model_scan,
     run_scan,
     upstream_request,
@@ -315,6 +317,9 @@ class ProxyServer:
         if not request.body:
             self._route(conn, request, None)
             return
+        if len(request.body) <= SMALL_BODY:
+            self._route(conn, request, model_of(request.body))
+            return
         scan = model_scan(request.body)
         done, model = run_scan(scan, _SCAN_SLICES)
         if done:
@@ -419,7 +424,8 @@ class ProxyServer:
         host = self._upstreams.origin(lease.backend.base_url)[2]
         exchange = Exchange(conn, upstream, lease, request, model, started, self._ended)
         now = self._loop.time()
-        exchange.start(upstream_request(request, host), now, self._config.first_byte_timeout_s)
+        data, rest = upstream_request(request, host)
+        exchange.start(data, now, self._config.first_byte_timeout_s, rest)
 
     async def _serve(self, conn: FrontConnection, request: Request, model: str | None,
                      lease: Lease | None) -> None:

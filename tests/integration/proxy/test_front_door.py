@@ -114,6 +114,23 @@ class TestRefusals:
             writer.close()
         assert recorder.rejected == [status] and not engine.requests
 
+    async def test_a_refused_upload_gets_its_answer_not_a_reset(
+            self, engine: ScriptedEngine, tmp_path: Path) -> None:
+        """A client that sends its whole body without waiting (no Expect) still reads the 401:
+        the proxy half-closes and drops the rest instead of resetting the connection."""
+        keys = tmp_path / "keys"
+        keys.write_text("sk-good\n")
+        async with running_proxy(make_pool({"gpu0/a": engine.url}),
+                                 api_keys_file=str(keys)) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            payload = b"x" * 8_000_000
+            writer.write(post(payload))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            status, _, body = await read_response(reader)
+            assert status == 401 and json.loads(body)["error"]["type"] == "AuthenticationError"
+            writer.close()
+
     async def test_connections_over_the_cap_are_refused_at_once(
             self, engine: ScriptedEngine) -> None:
         recorder = Recorder()

@@ -167,6 +167,23 @@ def test_request_observer_counts_by_model_engine_and_code() -> None:
     assert value(got, "mpsd_queue_wait_seconds_bucket", le="0.05") == 1
 
 
+def test_front_door_refusals_and_client_connections() -> None:
+    metrics = Metrics(make_pool(make_plan()), sampler=no_nvml)
+    for status in (400, 400, 401, 408, 413, 431):
+        metrics.request_rejected(status)
+    for opened in (1, 1, 1, -1):
+        metrics.connections_changed(opened)
+    metrics.connection_refused()
+    got = scrape(metrics)
+    assert value(got, "mpsd_proxy_rejected_requests_total", reason="malformed") == 2
+    assert value(got, "mpsd_proxy_rejected_requests_total", reason="unauthorized") == 1
+    assert value(got, "mpsd_proxy_rejected_requests_total", reason="timeout") == 1
+    assert value(got, "mpsd_proxy_rejected_requests_total", reason="body_too_large") == 1
+    assert value(got, "mpsd_proxy_rejected_requests_total", reason="head_too_large") == 1
+    assert value(got, "mpsd_proxy_client_connections") == 2
+    assert value(got, "mpsd_proxy_refused_connections_total") == 1
+
+
 def test_unknown_models_share_one_series_and_are_not_cached() -> None:
     metrics = Metrics(make_pool(make_plan()), sampler=no_nvml)
     for i in range(50):

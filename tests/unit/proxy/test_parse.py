@@ -136,12 +136,17 @@ def test_upstream_request_reframes_the_body() -> None:
     req = parse_head(b"POST /v1/completions HTTP/1.1\r\nHost: client\r\nTransfer-Encoding: "
                      b"chunked\r\nContent-Type: application/json")
     req.body = b'{"model":"m"}'
-    raw = upstream_request(req, b"127.0.0.1:9")
+    raw, rest = upstream_request(req, b"127.0.0.1:9")
+    assert not rest
     assert raw == (b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1:9\r\n"
                    b"Content-Type: application/json\r\ncontent-length: 13\r\n\r\n"
                    b'{"model":"m"}')
     get = parse_head(b"GET /v1/models HTTP/1.1\r\nHost: a")
-    assert upstream_request(get, b"h:1") == b"GET /v1/models HTTP/1.1\r\nhost: h:1\r\n\r\n"
+    assert upstream_request(get, b"h:1") == (b"GET /v1/models HTTP/1.1\r\nhost: h:1\r\n\r\n",
+                                             b"")
+    req.body = b"x" * 100_000  # a large body is written on its own
+    raw, rest = upstream_request(req, b"h:1")
+    assert raw.endswith(b"content-length: 100000\r\n\r\n") and rest is req.body
 
 
 @pytest.mark.parametrize(
