@@ -62,7 +62,15 @@ def sse_error_event(status: int, message: str) -> bytes:
 
 
 def reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    """The reason phrase of ``status`` (cached: every local answer needs one)."""
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        _REASONS[status] = phrase
+    return phrase
+
+
+_REASONS: dict[int, bytes] = {}

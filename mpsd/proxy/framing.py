@@ -391,6 +391,9 @@ class Phase(enum.IntEnum):
     BODY = 1
 
 
+_HEAD, _BODY = Phase  # module-level names: see _SIZE
+
+
 class RequestParser:
     """Requests out of one connection's byte buffer, head first, then (when asked) the body.
 
@@ -404,7 +407,7 @@ class RequestParser:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.phase = Phase.HEAD
+        self.phase: Phase = _HEAD
         self.request: Request | None = None
         self._scanned = 0
         self.head_bytes = b""  # the last head as it came, without the blank line
@@ -414,7 +417,7 @@ class RequestParser:
     @property
     def started(self) -> bool:
         """Part of a request has arrived (a head is being read or a body awaited)."""
-        return self.phase == Phase.BODY or self._scanned > 0
+        return self.phase == _BODY or self._scanned > 0
 
     def head(self, buf: bytearray) -> Request | None:
         """The next request's head once it is complete (consumed from ``buf``), else None."""
@@ -437,7 +440,7 @@ class RequestParser:
         self._scanned = 0
         request = parse_head(self.head_bytes, self.limits)
         self.request = request
-        self.phase = Phase.BODY
+        self.phase = _BODY
         if request.chunked:
             self._decoder = ChunkedDecoder(self.limits, self.limits.max_body_bytes)
         return request
@@ -466,6 +469,6 @@ class RequestParser:
             with memoryview(buf) as view:  # one copy of a body that may be 32 MiB
                 request.body = bytes(view[:n])
             del buf[:n]
-        self.phase = Phase.HEAD
+        self.phase = _HEAD
         self.request = None
         return True

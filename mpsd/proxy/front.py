@@ -24,6 +24,7 @@ from mpsd.proxy.errors import error_body, reason
 from mpsd.proxy.framing import HttpError, Limits, Phase, Request, RequestParser
 
 MAX_PIPELINED_BYTES = 1024 * 1024
+_HEAD, _BODY = Phase  # module-level names: an enum member looked up on its class costs ~65 ns
 LINGER_S = 2.0  # after a refusal, how long the rest of a request is read and dropped
 
 
@@ -126,10 +127,9 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         self._buf += data
-        now = self._loop.time()
-        if not self._parser.started and not self.busy:
+        self.last_active = now = self._loop.time()
+        if not self.busy and not self._parser.started:
             self.head_started = now
-        self.last_active = now
         if self.busy or self._write_paused:
             if len(self._buf) > MAX_PIPELINED_BYTES:
                 self._pause_reading()
@@ -154,6 +154,8 @@ class FrontConnection(asyncio.Protocol):
         self._processing = True
         try:
             while not self.busy and not self.closed and not self._write_paused:
+                if not self._buf and self._parser.phase == _HEAD:
+                    break
                 request = self._next_request()
                 if request is None:
                     break
@@ -171,13 +173,12 @@ class FrontConnection(asyncio.Protocol):
         """A complete request out of the buffer, once its head was admitted; else None."""
         parser = self._parser
         try:
-            if parser.phase == Phase.HEAD:
+            if parser.phase == _HEAD:
                 if not self._buf:
                     return None
                 request = parser.head(self._buf)
                 if request is None:
                     return None
-                self.head_started = self._loop.time()
                 if not self._admitted(request):
                     return None
             request = parser.request
@@ -218,7 +219,7 @@ class FrontConnection(asyncio.Protocol):
             return
         if self.busy or self.closed:
             return
-        if self._parser.phase == Phase.BODY:
+        if self._parser.phase == _BODY:
             if now - self.last_active > body_s:
                 self.fail(408, f"the request body stalled for more than {body_s:g} s")
         elif self._parser.started:
