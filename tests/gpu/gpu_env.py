@@ -328,8 +328,10 @@ class Load:
     """Closed-loop ``/v1/completions`` load through one URL, on a thread of its own."""
 
     def __init__(self, url: str, concurrency: int = 32, max_tokens: int = 64,
-                 model: str = SERVED, pause_after_error_s: float = 0.2) -> None:
+                 model: str = SERVED, pause_after_error_s: float = 0.2,
+                 stream: bool = False) -> None:
         self.url = url
+        self.stream = stream
         self.concurrency = concurrency
         self.max_tokens = max_tokens
         self.model = model
@@ -359,7 +361,7 @@ class Load:
 
             async def user(n: int) -> None:
                 body = {"model": self.model, "prompt": f"User {n} asks: tell me a story.",
-                        "max_tokens": self.max_tokens, "ignore_eos": True}
+                        "max_tokens": self.max_tokens, "ignore_eos": True, "stream": self.stream}
                 while not self._stop.is_set():
                     t0 = time.time()
                     try:
@@ -367,6 +369,8 @@ class Load:
                             data = await resp.read()
                             status = resp.status
                         error = "" if status == 200 else data[:300].decode(errors="replace")
+                        if status == 200 and self.stream:
+                            error = stream_error(data)
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         status, error = 0, repr(exc)[:300]
                     self.records.append(Record(t0, time.time(), status, error))
@@ -381,6 +385,15 @@ class Load:
                 task.cancel()
             await asyncio.gather(*users, return_exceptions=True)
             del done
+
+
+def stream_error(body: bytes) -> str:
+    """Why a 200 SSE body did not end well: an error event, or no ``[DONE]`` ("" if it did)."""
+    events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    for event in events:
+        if event.startswith(b'{"error"'):
+            return event[:300].decode(errors="replace")
+    return "" if events and events[-1].strip() == b"[DONE]" else "stream ended without [DONE]"
 
 
 def summarize(records: list[Record]) -> dict[str, Any]:
