@@ -137,13 +137,13 @@ def test_enginecore_kill_under_streaming_load(mps: str) -> None:
             if deadline_left() < 120:
                 break
             leader = wait_until(lambda: engine_pid(m, KILLED), 60, f"{KILLED} ready")
-            core = wait_until(lambda: engine_core(leader), 30, f"EngineCore of {leader}")
+            core = wait_until(lambda pid=leader: engine_core(pid), 30, f"EngineCore of {leader}")
             t_kill = time.time()
             os.kill(core, signal.SIGKILL)
             t_back = back_in_service(m, t_kill, mps)
-            fault = wait_until(lambda: first_fault(m, t_kill), 10, "mpsd's fault event")
+            fault = wait_until(lambda t=t_kill: first_fault(m, t), 10, "mpsd's fault event")
             ok_before = sum(r.ok for r in load.records)
-            wait_until(lambda: sum(r.ok for r in load.records) >= ok_before + CLIENTS, 120,
+            wait_until(lambda n=ok_before + CLIENTS: sum(r.ok for r in load.records) >= n, 120,
                        "load served again")
             result["kills"].append({"t_kill": t_kill, "t_fault": epoch(fault),
                                     "signal": fault.get("signal") or fault.get("reason"),
