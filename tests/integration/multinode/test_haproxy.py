@@ -92,7 +92,8 @@ def test_a_node_whose_gpus_all_failed_leaves_the_rotation_within_the_check_inter
     detected = max(monotonic(stamp(e)) for e in sick.events("fault_detected"))
     late_failures = [o for o in failed if o.started > detected + 0.05]
     print(f"failed before mpsd saw both deaths ({(detected - fault) * 1000:.0f} ms): "
-          f"{len(failed) - len(late_failures)}, after: {len(late_failures)}")
+          f"{len(failed) - len(late_failures)} (codes {sorted({o.code for o in failed})}), "
+          f"after: {len(late_failures)}")
     assert not late_failures, late_failures
 
 
@@ -109,7 +110,8 @@ def test_a_killed_daemon_leaves_the_rotation_and_only_its_in_flight_requests_fai
         wait_until(lambda: load.count(since=down + 1.0) >= 20, 30, "load after the kill")
     failed = load.failures()
     print(f"\ndaemon SIGKILL: HAProxy DOWN after {down - killed:.2f} s; "
-          f"{len(load.outcomes)} requests, {len(failed)} failed")
+          f"{len(load.outcomes)} requests, {len(failed)} failed "
+          f"(codes {sorted({o.code for o in failed})})")
     assert down - killed <= DETECT_S
     assert not load.served_by("node1", since=killed)
     # what failed was cut with node1 (streams it was sending) or sent to it in the moments
