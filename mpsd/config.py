@@ -86,6 +86,13 @@ class ProxyConfig(_Frozen):
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
     max_client_connections: Annotated[int, Field(ge=0)] = 0
     reserved_fds: Annotated[int, Field(ge=0)] = 1024
+    # failover (issue 10): passive ejection, retry before the first byte, stall detection
+    eject_after_errors: Annotated[int, Field(ge=0)] = 5
+    eject_base_s: Annotated[float, Field(gt=0)] = 10.0
+    eject_max_s: Annotated[float, Field(gt=0)] = 120.0
+    retry_budget: Annotated[float, Field(ge=0, le=1)] = 0.2
+    retry_min_concurrency: Annotated[int, Field(ge=0)] = 3
+    stall_timeout_s: Annotated[float, Field(ge=0)] = 60.0
 
     @field_validator("listen")
     @classmethod

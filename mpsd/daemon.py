@@ -36,6 +36,7 @@ from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
 from mpsd.supervise.group import GroupOptions
+from mpsd.supervise.preflight import preflight
 from mpsd.supervise.process import reap_leftovers
 from mpsd.supervise.supervisor import Supervisor
 
@@ -66,24 +67,39 @@ class Daemon:
         self._hurry = anyio.Event()
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the file and apply it; on any config error keep serving the old one."""
+        """Re-read the file, check it, apply it. Whatever goes wrong, mpsd keeps running and
+        the answer says why: a config or a plan that cannot start (missing executable, taken
+        port, unwritable directory) is refused before anything is touched, and the old one
+        keeps serving; an engine that does not come up is reported with its reason."""
         async with self._reload_lock:
             self.notifier.reloading()
             _log.info("reload_started", config=self.file)
             try:
                 resolved = await resolve(self.file)
+                config = resolved.config
+                problems = preflight(resolved.plan, control_binary=config.mps.control_binary,
+                                     state_dir=config.daemon.state_dir,
+                                     held_ports=self.supervisor.held_ports())
             except ConfigError as exc:
-                _log.error("reload_rejected", error=str(exc))
-                self.notifier.ready(f"reload failed, old config kept: {exc}")
-                return {"ok": False, "error": str(exc)}
-            config = resolved.config
-            result = await self.supervisor.reload(resolved.plan, group_options(config))
+                problems = [str(exc)]
+            if problems:
+                _log.error("reload_rejected", error="; ".join(problems))
+                self.notifier.ready(f"reload failed, old config kept: {problems[0]}")
+                return {"ok": False, "kept": True, "error": "; ".join(problems)}
+            try:
+                result = await self.supervisor.reload(resolved.plan, group_options(config))
+            except Exception as exc:  # never let a reload take the daemon down
+                _log.exception("reload_failed")
+                self.notifier.ready(self.supervisor.status_line())
+                return {"ok": False, "kept": False,
+                        "error": f"reload failed halfway: {exc!r}; see mpsd status"}
             self.proxy.apply(config.proxy)
-            self.supervisor.pool.set_cap(config.proxy.max_inflight_per_engine)
             self.config = config
             self.notifier.ready(self.supervisor.status_line())
             _log.info("reload_done", **result)
-            return {"ok": True, **result}
+            failed = result["problems"]
+            return {"ok": not failed, "kept": False, **result,
+                    **({"error": "applied, but " + "; ".join(failed)} if failed else {})}
 
     async def handle_signals(self) -> None:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -195,7 +211,7 @@ async def run(file: str) -> ExitCode:
         os.sched_setaffinity(0, plan.proxy_cpus)
         _log.info("proxy_cpus", cpus=list(plan.proxy_cpus))
     notifier = Notifier()
-    pool = BackendPool(config.proxy.max_inflight_per_engine)
+    pool = BackendPool()
     metrics = Metrics(pool)
     timeout = aiohttp.ClientTimeout(total=None, connect=config.proxy.connect_timeout_s)
     # Everything started below is stopped in reverse order by this one stack, on every path

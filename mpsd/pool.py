@@ -13,6 +13,12 @@ first backend, and all traffic ends up on one engine. So the rules here are stri
   the injected ``random.Random``.
 * State changes (:meth:`~BackendPool.set_routable`, :meth:`~BackendPool.remove`) are synchronous,
   so a group marking its engines unroutable takes effect for the very next pick, in the same tick.
+* Routable = *ready* (the supervisor's word: the engine passed its checks) and not *ejected*
+  (the proxy's word: passive outlier ejection, as in Envoy and nginx). An answer that shows the
+  engine dead, a refused connection or a stall ejects at once and tells the engine's group
+  (``on_engine_fault``); ``eject_after_errors`` 5xx in a row eject it for a while, longer each time
+  in a row. So an engine that fails fast — and so always has the fewest requests in flight —
+  is never the one least-loaded keeps picking.
 * When every candidate is at the cap (or none is ready), callers wait in **one FIFO queue**, and a
   slot that frees goes straight to the oldest waiter that can use it (no polling, no thundering
   herd): waiting is bounded by the caller's ``wait_s`` (``admission_wait_s``).
@@ -24,7 +30,7 @@ import asyncio
 import math
 import random
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -39,10 +45,10 @@ RETRY_AFTER_NOT_READY_S = 5
 class Backend:
     """One engine the proxy can send requests to.
 
-    ``key``/``gpu``/``model``/``base_url`` are what the supervisor registers; ``inflight``,
-    ``routable``, ``requests`` and ``connect_failures`` are runtime state owned by the pool (never
-    written by anyone else). Identity semantics (``eq=False``): two backends are never equal just
-    because they look alike.
+    ``key``/``gpu``/``model``/``base_url`` are what the supervisor registers; the rest is
+    runtime state owned by the pool (never written by anyone else, except ``active``, which the
+    relay sets on every read from the engine). Identity semantics (``eq=False``): two backends
+    are never equal just because they look alike.
     """
 
     key: str
@@ -51,8 +57,15 @@ class Backend:
     base_url: str
     inflight: int = 0
     routable: bool = False
+    ready: bool = False
+    ejected_until: float = 0.0
     requests: int = 0
     connect_failures: int = 0
+    consecutive_5xx: int = 0
+    ejections_in_row: int = 0
+    ejections: int = 0
+    active: bool = False
+    quiet_since: float = 0.0
     _idle: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
 
     def as_dict(self) -> BackendStatus:
@@ -65,6 +78,8 @@ class Backend:
             "inflight": self.inflight,
             "requests": self.requests,
             "connect_failures": self.connect_failures,
+            "ejected": self.ejected_until > 0,
+            "ejections": self.ejections,
         }
 
 
@@ -133,9 +148,14 @@ class _Waiter:
 class BackendPool:
     """Every engine the proxy may use, their in-flight counts, and the admission queue."""
 
-    def __init__(self, max_inflight_per_engine: int = 0, rng: random.Random | None = None) -> None:
-        self._cap = max_inflight_per_engine
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._cap = 0
+        self._eject_after_errors = 0
+        self._eject_base_s = 0.0
+        self._eject_max_s = 0.0
         self._rng = rng or random.Random()
+        # set once by the supervisor: a backend the proxy found dead or stalled
+        self.on_engine_fault: Callable[[Backend, str, str], None] | None = None
         self._backends: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
         self._all: list[Backend] = []
@@ -165,18 +185,86 @@ class BackendPool:
         self._all = list(self._backends.values())
 
     def set_routable(self, key: str, routable: bool) -> None:
-        """Effective for the very next pick; making one routable serves queued requests now."""
+        """The supervisor's readiness of ``key``, effective for the very next pick. A (re)started
+        engine that passed its checks starts with a clean slate: no ejection, no 5xx count."""
         backend = self._backends.get(key)
         if backend is None:
             raise KeyError(key)
-        backend.routable = routable
+        backend.ready = routable
         if routable:
+            backend.ejected_until = 0.0
+            backend.consecutive_5xx = backend.ejections_in_row = 0
+        backend.routable = routable and not backend.ejected_until
+        if backend.routable:
             self._dispatch()
 
-    def set_cap(self, max_inflight_per_engine: int) -> None:
-        """Live reload of the per-engine cap (0 = none); a raised cap serves queued requests."""
+    def configure(self, *, max_inflight_per_engine: int = 0, eject_after_errors: int = 0,
+                  eject_base_s: float = 0.0, eject_max_s: float = 0.0) -> None:
+        """The proxy's settings (start and live reload); a raised cap serves queued requests."""
         self._cap = max_inflight_per_engine
+        self._eject_after_errors = eject_after_errors
+        self._eject_base_s = eject_base_s
+        self._eject_max_s = eject_max_s
         self._dispatch()
+
+    # -- passive health (called by the proxy) -------------------------------------------------
+
+    def eject(self, backend: Backend, now: float, signal: str, reason: str, *,
+              dead: bool) -> None:
+        """Out of routing from this tick. ``dead``: the engine is gone or hung, its group is
+        told (and readmits it once restarted); else it returns after the ejection time."""
+        if dead:
+            backend.ejected_until = math.inf
+        else:
+            backend.ejections_in_row += 1
+            span = min(self._eject_base_s * backend.ejections_in_row, self._eject_max_s)
+            backend.ejected_until = max(backend.ejected_until, now + span)
+        if backend.routable or dead:
+            backend.ejections += 1
+        backend.routable = False
+        if dead and self.on_engine_fault is not None and backend.key in self._backends:
+            self.on_engine_fault(backend, signal, reason)
+
+    def answered_5xx(self, backend: Backend, now: float, status: int) -> bool:
+        """An engine answered a 5xx; True when that ejected it (``eject_after_errors`` in a row).
+        Never the last routable engine of a model: a fault of the requests, not the engines."""
+        backend.consecutive_5xx += 1
+        limit = self._eject_after_errors
+        if not limit or backend.consecutive_5xx < limit or not backend.routable:
+            return False
+        peers = self._by_model.get(backend.model, ())
+        if not any(p.routable for p in peers if p is not backend):
+            return False
+        self.eject(backend, now, "5xx", f"{backend.consecutive_5xx} answers 5xx in a row "
+                   f"(last {status})", dead=False)
+        return True
+
+    def answered_ok(self, backend: Backend) -> None:
+        """A good answer: the 5xx streak and the ejection multiplier start over."""
+        backend.consecutive_5xx = backend.ejections_in_row = 0
+
+    def readmit(self, now: float) -> None:
+        """End the ejections whose time is up (the proxy's housekeeping calls this)."""
+        back = False
+        for backend in self._all:
+            if backend.ejected_until and now >= backend.ejected_until:
+                backend.ejected_until = 0.0
+                backend.routable = backend.ready
+                back = back or backend.routable
+        if back:
+            self._dispatch()
+
+    def check_stalls(self, now: float, stall_s: float) -> None:
+        """Eject (as dead) an engine with requests in flight that sent no byte for ``stall_s``:
+        a hung engine whose ``/health`` may still answer."""
+        for backend in self._all:
+            if backend.inflight == 0 or backend.active:
+                backend.active = False
+                backend.quiet_since = now
+            elif stall_s and now - backend.quiet_since >= stall_s and backend.routable:
+                self.eject(backend, now, "stall", f"{backend.key} sent no byte for "
+                           f"{now - backend.quiet_since:.1f}s with {backend.inflight} requests "
+                           "in flight", dead=True)
 
     async def drain(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
         """Make ``key`` unroutable now and wait until it has nothing in flight; True if idle."""
@@ -223,6 +311,10 @@ class BackendPool:
     def connect_failed(self, backend: Backend) -> None:
         """Count a failed connect (the request went to another engine, or got a 503)."""
         backend.connect_failures += 1
+
+    def routable_besides(self, model: str | None, exclude: Collection[Backend]) -> bool:
+        """Whether another engine of ``model`` could take a request that failed on ``exclude``."""
+        return _any_routable(self._candidates_or_empty(model), exclude)
 
     def routable_count(self) -> int:
         return sum(1 for b in self._all if b.routable)
@@ -362,6 +454,11 @@ class Lease:
             raise RuntimeError("a Lease is acquired once")
         self.backend = await self._pool._take(self._model, self._wait_s, self._exclude)
         return self.backend
+
+    @property
+    def pool(self) -> BackendPool:
+        """The pool the lease is from (the relay reports the engine's health to it)."""
+        return self._pool
 
     def release(self) -> None:
         backend, self.backend = self.backend, None

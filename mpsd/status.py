@@ -82,6 +82,8 @@ class BackendStatus(TypedDict):
     inflight: int
     requests: int
     connect_failures: int
+    ejected: bool  # taken out of routing by the proxy (dead answer, refused, stall, 5xx run)
+    ejections: int
 
 
 class ProxyStatus(DaemonStatus):

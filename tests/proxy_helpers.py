@@ -1,10 +1,10 @@
 """Helpers for the proxy tests: a scripted in-process engine, fake-vllm processes, a proxy.
 
 ``ScriptedEngine`` is a raw asyncio HTTP/1.1 server whose every response is chosen by the request
-body's ``"mode"`` — so one test can make an engine answer, stream, hang, close before answering
-or die mid-stream, precisely and without timing games. ``FakeEngines`` runs the project's
-``fake-vllm`` executable (real processes, vLLM's API shapes, its events file) for the
-end-to-end tests.
+body's ``"mode"`` (or the engine's ``override``) — so one test can make an engine answer,
+stream, hang, close before answering, answer like a dead vLLM or die mid-stream, precisely and
+without timing games. ``FakeEngines`` runs the project's ``fake-vllm`` executable (real
+processes, vLLM's API shapes, its events file) for the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class _ScriptedConn(asyncio.Protocol):
         del self.buf[:end + 4 + length]
         self.engine.requests.append((head, body))
         mode_match = _MODE.search(body, 0, 65536)  # tests put it first; huge bodies have none
-        self.respond(mode_match.group(1).decode() if mode_match else "ok")
+        mode = mode_match.group(1).decode() if mode_match else "ok"
+        self.respond(self.engine.override or mode)
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None:
@@ -97,6 +98,13 @@ class _ScriptedConn(asyncio.Protocol):
                     b'"param":null,"code":%s}}' % arg.encode())
             self._send(b"HTTP/1.1 %s Engine Error\r\ncontent-type: application/json\r\n"
                        b"content-length: %d\r\n\r\n%s" % (arg.encode(), len(body), body))
+        elif kind == "dead":  # vLLM's answer while its EngineCore is dead (vllm.md §10)
+            body = (b'{"error":{"message":"EngineCore encountered an issue. See stack trace '
+                    b'(above) for the root cause.","type":"InternalServerError","param":null,'
+                    b'"code":500}}')
+            self._send(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json"
+                       b"\r\nx-engine: %s\r\ncontent-length: %d\r\n\r\n%s"
+                       % (name, len(body), body))
         elif kind in ("stream", "cut"):
             self.responding = True
             self._send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
@@ -155,6 +163,7 @@ class ScriptedEngine:
     connections: int = 0
     server: asyncio.AbstractServer | None = None
     held: list[_ScriptedConn] = field(default_factory=list)
+    override: str | None = None  # answer every request in this mode, whatever it asks for
 
     def release(self) -> None:
         """Finish every ``hold`` stream."""
@@ -184,7 +193,8 @@ class ScriptedEngine:
 def make_pool(urls: dict[str, str], model: str = "tiny", routable: bool = True,
               seed: int = 0, cap: int = 0) -> BackendPool:
     """A pool with one backend per ``key -> url`` (key ``gpuN/name``), all routable."""
-    pool = BackendPool(max_inflight_per_engine=cap, rng=random.Random(seed))
+    pool = BackendPool(rng=random.Random(seed))
+    pool.configure(max_inflight_per_engine=cap)
     for key, url in urls.items():
         pool.add(Backend(key=key, gpu=key.partition("/")[0], model=model, base_url=url))
         if routable:
@@ -201,6 +211,7 @@ class Recorder:
         self.rejected: list[int] = []
         self.connections = 0
         self.refused = 0
+        self.retries: list[str] = []
 
     def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None:
@@ -217,6 +228,9 @@ class Recorder:
 
     def connection_refused(self) -> None:
         self.refused += 1
+
+    def request_retried(self, reason: str) -> None:
+        self.retries.append(reason)
 
 
 @contextlib.asynccontextmanager

@@ -231,8 +231,8 @@ def reload(socket_path: Path, hint: str = "") -> int:
         return ExitCode.FAILURE
     code, body = answer
     if code != 200 or not body.get("ok", False):
-        return _fail(f"reload failed: {body.get('error', f'HTTP {code}')} "
-                     "(the previous config keeps running)")
+        kept = " (the previous config keeps running)" if body.get("kept", True) else ""
+        return _fail(f"reload failed: {body.get('error', f'HTTP {code}')}{kept}")
     parts = [f"{what} {', '.join(map(str, keys))}"
              for what in ("unchanged", "changed", "removed", "added")
              if isinstance(keys := body.get(what), list) and keys]

@@ -31,7 +31,8 @@ from mpsd.host.nvml import GpuSample
 from mpsd.observe.poll import Poller, Snapshot
 from mpsd.pool import BackendPool
 from mpsd.proxy.errors import rejection_reason
-from mpsd.supervise.group import Fault, GpuGroup
+from mpsd.supervise.faults import Fault
+from mpsd.supervise.group import GpuGroup
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
 
@@ -95,6 +96,10 @@ class Metrics:
         self._refused_connections = Counter(
             "mpsd_proxy_refused_connections",
             "Client connections refused at once: over max_client_connections.", registry=r)
+        self._retries = Counter(
+            "mpsd_proxy_retries",
+            "Requests sent to another engine after theirs failed before the client saw a byte, "
+            "by reason (connect, reset, engine_dead, 502, 503).", ["reason"], registry=r)
         self._group_state = Gauge("mpsd_group_state",
                                   "1 for the group's current state, 0 for the others.",
                                   ["gpu", "state"], registry=r)
@@ -148,6 +153,9 @@ class Metrics:
 
     def connection_refused(self) -> None:
         self._refused_connections.inc()
+
+    def request_retried(self, reason: str) -> None:
+        self._retries.labels(reason).inc()
 
     def _request_labels(self, model: str | None, engine: str | None,
                         code: int | str) -> _RequestChildren:
@@ -280,18 +288,27 @@ class _PoolCollector:
             "mpsd_engine_connect_failures",
             "Connections to the engine that failed before the request was sent.",
             labels=["gpu", "engine"])
+        ejected = GaugeMetricFamily(
+            "mpsd_engine_ejected", "1 while the proxy keeps the engine out of routing "
+            "(a dead engine's answer, refused or reset, a stall, 5xx in a row).",
+            labels=["gpu", "engine"])
+        ejections = CounterMetricFamily(
+            "mpsd_engine_ejections", "Times the proxy took the engine out of routing.",
+            labels=["gpu", "engine"])
         for backend in self._pool.backends():
             labels = [backend.gpu, backend.key]
             ready.add_metric(labels, float(backend.routable))
             inflight.add_metric(labels, float(backend.inflight))
             failures.add_metric(labels, float(backend.connect_failures))
+            ejected.add_metric(labels, float(backend.ejected_until > 0))
+            ejections.add_metric(labels, float(backend.ejections))
         queue = GaugeMetricFamily("mpsd_proxy_queue_depth",
                                   "Requests waiting in the admission queue for a free engine.")
         queue.add_metric([], float(self._pool.queued()))
         cap = GaugeMetricFamily("mpsd_engine_inflight_cap",
                                 "Per-engine in-flight cap (0 = none).")
         cap.add_metric([], float(self._pool.cap))
-        yield from (ready, inflight, failures, queue, cap)
+        yield from (ready, inflight, failures, ejected, ejections, queue, cap)
 
 
 def metrics_handler(render: Callable[[], tuple[bytes, str]],

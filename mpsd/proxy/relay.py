@@ -5,13 +5,19 @@ done from the engine connection's protocol callback straight into the client's t
 task wake-up, no copy, no parsing of SSE events. The head is parsed once (and forwarded verbatim
 when it carries no hop-by-hop header); chunked bodies pass through as they are, and only the
 chunk-size lines are read, to find where the response ends.
+
+The one exception is a 5xx with a small body: it is held back until complete, because it may say
+that the engine is dead (vLLM's ``EngineDeadError``, answered at once for seconds after its
+EngineCore died). Such an answer, a 502/503, or a connection reset before any byte, leaves the
+client untouched: the proxy may then send the request to another engine instead.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
-from mpsd.pool import Lease
+from mpsd.pool import Backend, BackendPool, Lease
 from mpsd.proxy.errors import sse_error_event
 from mpsd.proxy.framing import (
     HOP_RESPONSE,
@@ -26,10 +32,12 @@ from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.upstream import UpstreamConnection
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_HELD_BYTES = 64 * 1024  # a 5xx body held back to be read (vLLM's are ~200 bytes)
+_DEAD_ENGINE = re.compile(rb"EngineDeadError|EngineCore encountered an issue")
 _ENGINE_LIMITS = Limits()  # an engine's trailers are bounded like a client's
 _UNLIMITED = 1 << 62
 
-_NONE, _LENGTH, _CHUNKED, _DECHUNK, _EOF = range(5)
+_NONE, _LENGTH, _CHUNKED, _DECHUNK, _EOF, _HELD = range(6)
 
 
 class Exchange:
@@ -42,12 +50,16 @@ class Exchange:
     records the request and answers what is left to answer (``error``: nothing reached the
     client yet). After the head, a failure is handled here: an SSE stream gets an error event and
     a clean end, anything else has its client connection closed, and ``broken`` is set.
+    ``retryable``: the engine failed and the client has seen nothing, so another engine may take
+    the request (``held``: the engine's answer, for the client if none does); ``tried``: the
+    engines this request already failed on.
     """
 
-    __slots__ = ("_buf", "_chunks", "_framing", "_left", "_out", "_paused", "backend_model",
-                 "broken", "client", "client_gone", "deadline", "ended", "engine", "error",
-                 "head_at", "head_only", "http11", "keep_alive", "lease", "model", "on_end",
-                 "pool", "request", "reusable", "sse", "started", "status", "upstream")
+    __slots__ = ("_buf", "_chunks", "_framing", "_left", "_out", "_paused", "backend",
+                 "backend_model", "backends", "broken", "client", "client_gone", "deadline",
+                 "ended", "engine", "error", "head_at", "head_only", "held", "http11",
+                 "keep_alive", "lease", "model", "on_end", "pool", "request", "retryable",
+                 "reusable", "sse", "started", "status", "tried", "upstream")
 
     def __init__(self, client: FrontConnection, upstream: UpstreamConnection, lease: Lease,
                  request: Request, model: str | None, started: float,
@@ -56,8 +68,14 @@ class Exchange:
         self.upstream = upstream
         self.pool = upstream.pool
         self.lease = lease
-        self.engine = lease.backend.key if lease.backend is not None else "-"
-        self.backend_model = lease.backend.model if lease.backend is not None else None
+        assert lease.backend is not None
+        self.backend: Backend = lease.backend
+        self.backends: BackendPool = lease.pool
+        self.engine = self.backend.key
+        self.backend_model = self.backend.model
+        self.tried: list[Backend] | None = None
+        self.retryable = False
+        self.held = b""
         self.request = request
         self.model = model
         self.started = started
@@ -89,6 +107,7 @@ class Exchange:
         upstream = self.upstream
         assert upstream.transport is not None
         upstream.exchange = self
+        upstream.uses += 1
         self.client.attach(self)  # paused from the start if the client is not reading
         self.deadline = now + first_byte_timeout_s
         self.pool.awaiting.add(self)
@@ -99,6 +118,7 @@ class Exchange:
     # -- engine -> client -------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        self.backend.active = True  # a byte from the engine: it is not stalled
         framing = self._framing
         if framing == _CHUNKED:  # the hot path: an SSE event or a slice of a chunked body
             assert self._chunks is not None
@@ -115,6 +135,9 @@ class Exchange:
             return
         if framing < 0:
             self._feed_head(data)
+            return
+        if framing == _HELD:
+            self._feed_held(data)
             return
         self._relay(data)
 
@@ -142,6 +165,11 @@ class Exchange:
         self.status = status
         self.head_at = self.pool.loop.time()
         rest = buf[end + 4:]
+        if status >= 500:
+            if self._hold(head, rest):
+                return
+        elif self.backend.consecutive_5xx:
+            self.backends.answered_ok(self.backend)
         framing = self._framing
         if framing == _NONE:
             self._out(head)
@@ -158,6 +186,51 @@ class Exchange:
             self._out(head)
             if rest:
                 self.feed(rest)
+
+    def _hold(self, head: bytes, rest: bytes) -> bool:
+        """A 5xx: hold it back if it is small enough to read whole (False: relay it as it is)."""
+        if self._framing == _NONE:
+            self._judge(head, b"")
+            return True
+        if self._framing != _LENGTH or self._left > MAX_HELD_BYTES:
+            self.backends.answered_5xx(self.backend, self.pool.loop.time(), self.status)
+            return False
+        self._framing = _HELD
+        self.held = head
+        self._feed_held(rest)
+        return True
+
+    def _feed_held(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= self._left:
+            body, extra = self._buf[:self._left], self._buf[self._left:]
+            self._buf = b""
+            self.reusable = self.reusable and not extra
+            self._judge(self.held, body)
+
+    def _judge(self, head: bytes, body: bytes) -> None:
+        """A whole 5xx: does it say the engine is dead? Either way the proxy decides what the
+        client gets (another engine's answer, or this one)."""
+        backend, status = self.backend, self.status
+        now = self.pool.loop.time()
+        dead = _DEAD_ENGINE.search(body) is not None
+        if dead:
+            self.backends.eject(backend, now, "engine_dead",
+                                f"{backend.key} answered {status}: its EngineCore is dead",
+                                dead=True)
+            self.reusable = False
+        else:
+            self.backends.answered_5xx(backend, now, status)
+        self.held = head + body
+        # an engine ejected for its run of 5xx is broken: its 500s are not the requests' fault
+        self.retryable = dead or status in (502, 503) or backend.ejected_until > 0
+        self._end(self.reusable)
+
+    def flush_held(self) -> None:
+        """No other engine took it: the client gets the engine's own 5xx after all."""
+        if self.held:
+            self._out(self.held)
+            self.held = b""
 
     def _client_head(self, head: bytes, status: int) -> bytes:
         """The head for the client; verbatim when the engine's has no hop-by-hop headers."""
@@ -285,7 +358,17 @@ class Exchange:
         if self.ended:
             return
         if self._framing < 0:
+            # nothing reached the client: another engine may take it. A fresh connection that
+            # the engine drops unanswered means the engine is going; a reused one may just
+            # have been closed as idle by the engine at the wrong moment.
+            self.retryable = True
+            if self.upstream.uses == 1:
+                backend = self.backend
+                self.backends.eject(backend, self.pool.loop.time(), "reset",
+                                    f"{backend.key} reset a new connection unanswered", dead=True)
             self._fail_before_head(502, "the engine closed the connection before answering")
+        elif self._framing == _HELD:
+            self._fail_before_head(502, "the engine closed the connection while answering")
         elif self._framing == _EOF:
             self._end(False)
         else:

@@ -8,7 +8,9 @@ end to end):
 * ``pool.try_lease(model)`` — a :class:`~mpsd.pool.Lease`, the only thing that changes in-flight
   counts — and an idle engine connection are taken synchronously; when either is missing, one
   task (:meth:`ProxyServer._serve`) waits in the FIFO admission queue and/or connects, and a
-  failed *connect* (the request never left) moves on to another engine, each once;
+  failed *connect* (the request never left) moves on to another engine, each once — as does a
+  request whose engine failed before the client saw a byte (reset, 502/503, a dead engine's
+  500), within the retry budget;
 * an :class:`~mpsd.proxy.relay.Exchange` then owns the lease: it sends the request and relays
   the response from the engine connection's callback straight into the client transport, chunk
   by chunk, unbuffered; however it ends (complete, engine failure, first-byte timeout, client
@@ -91,6 +93,9 @@ class RequestObserver(Protocol):
     def connection_refused(self) -> None:
         """A client connection over ``max_client_connections`` was refused."""
 
+    def request_retried(self, reason: str) -> None:
+        """A request went to another engine (``connect``, ``reset``, ``engine_dead``, ``5xx``)."""
+
 
 class _Route:
     __slots__ = ("auth", "handler", "method", "path", "prefix")
@@ -134,7 +139,8 @@ class ProxyServer:
         self._created = int(time.time())
         self.limits = _limits(config)
         self._max_clients = _client_cap(config)
-        pool.set_cap(config.max_inflight_per_engine)
+        self._retrying = 0  # requests in flight that are retries (the budget's numerator)
+        _configure_pool(pool, config)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -220,7 +226,7 @@ class ProxyServer:
         self._max_clients = _client_cap(config)
         self._upstreams.connect_timeout_s = config.connect_timeout_s
         self._upstreams.max_connections = config.max_connections
-        self._pool.set_cap(config.max_inflight_per_engine)
+        _configure_pool(self._pool, config)
         self._debug = _debug_enabled()
 
     def add_route(self, method: str, path: str, handler: RouteHandler, *,
@@ -251,6 +257,8 @@ class ProxyServer:
                 continue
             self._last_sweep = now
             self._upstreams.sweep(now)
+            self._pool.readmit(now)
+            self._pool.check_stalls(now, self._config.stall_timeout_s)
             config = self._config
             for conn in list(self._conns):
                 conn.expire(now, config.head_timeout_s, config.body_timeout_s,
@@ -418,25 +426,30 @@ class ProxyServer:
     # -- proxying ------------------------------------------------------------------------------
 
     def _send(self, conn: FrontConnection, request: Request, model: str | None, lease: Lease,
-              upstream: UpstreamConnection, started: float) -> None:
+              upstream: UpstreamConnection, started: float,
+              tried: list[Backend] | None = None) -> None:
         """Hand the request and its lease to an Exchange; ``_ended`` hears how it went."""
         assert lease.backend is not None
         host = self._upstreams.origin(lease.backend.base_url)[2]
         exchange = Exchange(conn, upstream, lease, request, model, started, self._ended)
+        exchange.tried = tried
         now = self._loop.time()
         data, rest = upstream_request(request, host)
         exchange.start(data, now, self._config.first_byte_timeout_s, rest)
 
     async def _serve(self, conn: FrontConnection, request: Request, model: str | None,
-                     lease: Lease | None) -> None:
+                     lease: Lease | None, tried: list[Backend] | None = None,
+                     started: float | None = None) -> None:
         """The slow path: wait in the admission queue and/or connect, then ``_send``.
 
         A failed connect means the request was never sent, so it goes to another engine (each
-        engine once); any failure after sending is the exchange's to report, never retried.
+        engine once); so does a request coming back from :meth:`_retry` with the engines it
+        ``tried``. Either is a retry, counted in ``_retrying`` until the request ends.
         """
         loop = self._loop
-        started = loop.time()
-        tried: list[Backend] = []
+        started = loop.time() if started is None else started
+        retrying = tried is not None
+        tried = tried if tried is not None else []
         code = 0
         try:
             while True:
@@ -454,14 +467,23 @@ class ProxyServer:
                     upstream = await self._upstreams.acquire(backend.base_url)
                 except UpstreamConnectError as exc:
                     self._pool.connect_failed(backend)
+                    if exc.refused:
+                        self._pool.eject(backend, loop.time(), "refused",
+                                         f"{backend.key} refused a connection", dead=True)
                     log.warning("engine_connect_failed", engine=backend.key, error=str(exc))
                     tried.append(backend)
                     lease.release()
                     lease = None
+                    if not retrying and not self._may_retry():
+                        raise NoCapacity(model, ready=False, waited_s=0.0) from None
+                    retrying = retrying or self._begin_retry()
+                    self._observer.request_retried("connect")
                     continue
                 conn.task = None
-                self._send(conn, request, model, lease, upstream, started)
-                lease = None  # the exchange owns it now
+                self._send(conn, request, model, lease, upstream, started,
+                           tried if retrying else None)
+                lease = None  # the exchange owns it now, and the retry count
+                retrying = False
                 return
         except UnknownModel as exc:
             code = 404
@@ -482,15 +504,55 @@ class ProxyServer:
         finally:
             if lease is not None:
                 lease.release()
+            if retrying:
+                self._retrying -= 1
             if code:
                 self._observer.request_done(model, None, code, loop.time() - started, None)
                 if not conn.closed:
                     conn.response_done(request.keep_alive and code not in (499, 500))
 
+    def _may_retry(self) -> bool:
+        """The retry budget (Envoy's): retries in flight stay under ``retry_budget`` of all
+        requests in flight, or ``retry_min_concurrency``, so an outage cannot double the load."""
+        config = self._config
+        budget = max(config.retry_min_concurrency,
+                     config.retry_budget * self._pool.inflight_total())
+        return self._retrying < budget
+
+    def _begin_retry(self) -> bool:
+        self._retrying += 1
+        return True
+
+    def _retry(self, exchange: Exchange) -> bool:
+        """Send a request whose engine failed before the client saw a byte to another engine
+        of its model that it has not tried yet; False when there is none or no budget."""
+        conn = exchange.client
+        tried = [*(exchange.tried or ()), exchange.backend]
+        if conn.closed or not self._pool.routable_besides(exchange.model, tried):
+            return False
+        if exchange.tried is None:
+            if not self._may_retry():
+                return False
+            self._begin_retry()
+        reason = "reset" if exchange.status == 0 else (
+            "engine_dead" if exchange.backend.ejected_until else str(exchange.status))
+        self._observer.request_retried(reason)
+        log.info("request_retried", engine=exchange.engine, reason=reason)
+        conn.task = self._loop.create_task(self._serve(
+            conn, exchange.request, exchange.model, None, tried, exchange.started))
+        return True
+
     def _ended(self, exchange: Exchange) -> None:
-        """Every proxied request ends here, once: record it and finish the client response."""
+        """Every proxied request ends here, once: record it and finish the client response
+        (or hand it to another engine, when its engine failed before the client saw a byte)."""
+        if exchange.retryable and self._retry(exchange):
+            return
+        if exchange.tried is not None:
+            self._retrying -= 1
         conn, request = exchange.client, exchange.request
         keep_alive = exchange.keep_alive
+        if exchange.held and not conn.closed:
+            exchange.flush_held()
         if exchange.error is not None:
             code, message = exchange.error
             keep_alive = request.keep_alive
@@ -533,6 +595,13 @@ class ProxyServer:
 def _debug_enabled() -> bool:
     is_enabled_for = getattr(log.bind(), "is_enabled_for", None)
     return bool(is_enabled_for(logging.DEBUG)) if is_enabled_for is not None else True
+
+
+def _configure_pool(pool: BackendPool, config: ProxyConfig) -> None:
+    """The proxy is the one writer of the pool's settings (at start and on reload)."""
+    pool.configure(max_inflight_per_engine=config.max_inflight_per_engine,
+                   eject_after_errors=config.eject_after_errors, eject_base_s=config.eject_base_s,
+                   eject_max_s=config.eject_max_s)
 
 
 def _aio_error(status: int, message: str) -> web.Response:

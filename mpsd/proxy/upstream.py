@@ -25,13 +25,18 @@ if TYPE_CHECKING:
 IDLE_S = 2.0
 
 class UpstreamConnectError(Exception):
-    """Connecting failed: the request was never sent, so another engine may take it."""
+    """Connecting failed: the request was never sent, so another engine may take it.
+    ``refused``: nothing listens there (the engine is gone), not merely slow to accept."""
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an engine; feeds the current :class:`Exchange`."""
 
-    __slots__ = ("closed", "exchange", "idle_since", "origin", "pool", "transport")
+    __slots__ = ("closed", "exchange", "idle_since", "origin", "pool", "transport", "uses")
 
     def __init__(self, pool: UpstreamPool, origin: str) -> None:
         self.pool = pool
@@ -40,6 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
         self.closed = False
+        self.uses = 0  # requests sent on it (1: a fresh connection)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -123,7 +129,8 @@ class UpstreamPool:
         except (OSError, TimeoutError) as exc:
             self._open -= 1
             self._wake_one()
-            raise UpstreamConnectError(f"cannot connect to {base_url}: {exc}") from exc
+            raise UpstreamConnectError(f"cannot connect to {base_url}: {exc}",
+                                       refused=isinstance(exc, ConnectionRefusedError)) from exc
         except BaseException:
             self._open -= 1
             self._wake_one()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,30 +21,16 @@ from mpsd.errors import HealthCheckFailed, MemberExited, SpawnError, StartupTime
 from mpsd.plan.build import EnginePlan
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.process import ChildProcess
+from mpsd.supervise.tree import TreeWatch, group_pids
 
 _log = logs.get("mpsd.engine")
 _READY_POLL_S = 0.1
-_PROBE_TIMEOUT_S = 5.0
+_START_PROBE_TIMEOUT_S = 5.0
+_MIN_PROBE_TIMEOUT_S = 1.0
 PROGRESS_EVERY_S = 15.0
 #: What mpsd itself asks every engine, often: the engine's access-log lines of these requests
 #: would bury everything else in the journal (vLLM runs with its access log off anyway).
 _PROBED_PATHS = frozenset({"/health", "/metrics", "/v1/models"})
-
-
-def group_pids(pgid: int) -> set[int]:
-    """Every live process whose process group is ``pgid`` (an engine and what it forked)."""
-    pids: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid):
-            pids.add(int(entry.name))
-    return pids
 
 
 def port_free(port: int) -> bool:
@@ -95,6 +82,9 @@ class Engine:
             quiet=logs.probe_access_line(_PROBED_PATHS | {plan.health_path}))
         self.stopping = False
         self.answered = False  # /health said 200 once: it booted, whatever happens next
+        self.mps_pids: frozenset[int] = frozenset()  # its MPS clients, seen by the attach check
+        self._condemned = anyio.Event()
+        self._verdict = ("", "")
 
     @property
     def key(self) -> str:
@@ -103,6 +93,21 @@ class Engine:
     @property
     def pid(self) -> int | None:
         return self.process.running_pid
+
+    def condemn(self, signal: str, reason: str) -> None:
+        """A fault seen from outside its own watchers (the proxy, the MPS server's log)."""
+        if not self._condemned.is_set():
+            self._verdict = (signal, reason)
+            self._condemned.set()
+
+    @property
+    def condemned(self) -> bool:
+        return self._condemned.is_set()
+
+    async def wait_condemned(self) -> tuple[str, str]:
+        """Until :meth:`condemn`: (signal, reason)."""
+        await self._condemned.wait()
+        return self._verdict
 
     async def start(self) -> None:
         """Spawn; :class:`SpawnError` when its port is taken (the engine would die on bind
@@ -116,10 +121,10 @@ class Engine:
         """Until ready; seconds it took. Raises on exit, timeout or a failed canary."""
         started = time.monotonic()
         progress = _Progress(self.plan, started)
-        with anyio.fail_after(self.plan.startup_timeout_s) as scope:
-            try:
+        try:
+            with anyio.fail_after(self.plan.startup_timeout_s):
                 progress.enter("loading, waiting for /health")
-                while not await self._healthy():
+                while not await self._healthy(_START_PROBE_TIMEOUT_S):
                     self._check_alive("during start-up")
                     progress.tick()
                     await anyio.sleep(_READY_POLL_S)
@@ -129,29 +134,45 @@ class Engine:
                 if mps is not None:
                     progress.enter("waiting for it to attach to MPS")
                     await self._wait_attached(mps, progress)
-            except TimeoutError:
-                if scope.cancel_called:
-                    raise StartupTimeout(f"{self.key} not ready after "
-                                         f"{self.plan.startup_timeout_s:g}s") from None
-                raise
+        except TimeoutError:  # fail_after raises on leaving its block, so it is caught here
+            raise StartupTimeout(f"{self.key} not ready after "
+                                 f"{self.plan.startup_timeout_s:g}s") from None
         took = time.monotonic() - started
         _log.info("engine_ready", gpu=self.plan.gpu, engine=self.key, port=self.plan.port,
                   seconds=round(took, 3), msg=f"{self.key}: ready in {took:.1f} s")
         return took
 
-    async def watch_health(self) -> None:
-        """Probe every ``health_interval_s``; raise after ``health_failures`` in a row."""
+    async def watch_health(self, on_probe: Callable[[bool], None]) -> None:
+        """Probe every ``health_interval_s``; raise after ``health_failures`` in a row.
+
+        A probe times out after the interval itself (at least 1 s), not a fixed 5 s: a stopped
+        or stuck engine is then unrouted after one failed probe (``on_probe(False)``, about
+        3 s with the defaults) and a fault after ``health_failures``; ``on_probe(True)``
+        routes it again after a single slow answer.
+        """
+        interval = self.plan.health_interval_s
+        timeout = max(interval, _MIN_PROBE_TIMEOUT_S)
         failures = 0
         while True:
-            await anyio.sleep(self.plan.health_interval_s)
-            if await self._healthy():
+            await anyio.sleep(interval)
+            if await self._healthy(timeout):
+                if failures:
+                    on_probe(True)
                 failures = 0
                 continue
             failures += 1
+            on_probe(False)
             _log.warning("health_probe_failed", gpu=self.plan.gpu, engine=self.key,
                          failures=failures, limit=self.plan.health_failures)
             if failures >= self.plan.health_failures:
                 raise HealthCheckFailed(f"{self.key}: {failures} failed health probes")
+
+    async def watch_tree(self) -> tuple[int, str]:
+        """Until a process of the engine other than its leader exits: (PID, name)."""
+        pid = self.pid
+        if pid is None:
+            return 0, "?"
+        return await TreeWatch(pid, self.key, self.plan.health_interval_s).wait_exit()
 
     async def canary(self) -> None:
         """One cheap real request: proves the engine core answers, not just the HTTP layer."""
@@ -179,16 +200,17 @@ class Engine:
         return group_pids(self.pid) & await mps.clients()
 
     async def _wait_attached(self, mps: MpsDaemon, progress: _Progress) -> None:
-        while not await self.mps_clients(mps):
+        while not (clients := await self.mps_clients(mps)):
             self._check_alive("before attaching to MPS")
             progress.tick()
             await anyio.sleep(_READY_POLL_S)
+        self.mps_pids = frozenset(clients)
 
-    async def _healthy(self) -> bool:
+    async def _healthy(self, timeout_s: float) -> bool:
         try:
             async with self._session.get(
                 f"{self.plan.base_url}{self.plan.health_path}",
-                timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):

@@ -1,11 +1,13 @@
 """One GPU as one fault domain: its MPS daemon, its engines, their recovery (architecture.md §6).
 
-A group is the single writer of its state. One *attempt* is one task group: start MPS, start
-engines one after another, then watch the five fault signals. The first fault cancels the
-attempt in the same tick it marks every engine unroutable; recovery then kills every engine at
-once (their shared context is already poisoned), waits for the MPS server to come back (or
-replaces the daemon), backs off, and starts over — until the restart budget says crash loop.
-With MPS off there is no shared context, so each engine restarts alone.
+A group is the single writer of its state, its options and its restart budget. One *attempt*
+is one task group: start MPS, start engines one after another, then watch the fault signals
+(:mod:`mpsd.supervise.faults`). The first fault cancels the attempt in the same tick it marks
+every engine unroutable; recovery then kills every engine at once (their shared context is
+already poisoned), waits for the MPS server to come back (or replaces the daemon), backs off,
+and starts over — until the restart budget says crash loop. With MPS off there is no shared
+context, so each engine restarts alone. Whatever goes wrong — a fault, a boot failure, a bug —
+ends in a state with a reason, never in a dead task.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,23 +31,14 @@ from mpsd.plan.build import EnginePlan, GroupPlan
 from mpsd.pool import Backend, BackendPool
 from mpsd.status import HistoryEntry
 from mpsd.supervise.engine import Engine
+from mpsd.supervise.faults import Fault, watch_engine, watch_mps
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.mps_log import MpsLogEvent, MpsLogKind
-from mpsd.supervise.states import GroupState, RestartBudget, can_transition
+from mpsd.supervise.recovery import kill_engines, recover_mps, stop_engine
+from mpsd.supervise.states import GroupState, IllegalTransition, RestartBudget, can_transition
 
 _log = logs.get("mpsd.group")
-_STATUS_FAILURES = 3
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Why an attempt ended. ``fatal`` faults go to FAILED without a restart. ``engine`` names
-    the one engine that restarts alone (MPS off); empty when the whole group restarts."""
-
-    signal: str
-    reason: str
-    fatal: bool = False
-    engine: str = ""
+OnFault = Callable[[Fault], None]
 
 
 class GroupObserver(Protocol):
@@ -58,7 +51,7 @@ class GroupObserver(Protocol):
     def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupOptions:
     """Settings a group needs beyond its plan (all from the config's other sections)."""
 
@@ -92,7 +85,7 @@ class GpuGroup:
                                     r.backoff_initial_s, r.backoff_max_s)
         self._stop = anyio.Event()
         self._wake = anyio.Event()
-        self._on_fault: Callable[[Fault], None] | None = None
+        self._on_fault: OnFault | None = None
         self._ever_ready = False
         self._recovering_since: float | None = None
         self._fatal_pending: Fault | None = None
@@ -102,7 +95,7 @@ class GpuGroup:
     def key(self) -> str:
         return self.plan.key
 
-    # -- commands from outside (supervisor, control API, NVML) ---------------------------
+    # -- commands from outside (supervisor, control API, NVML, proxy) --------------------
 
     def stop(self) -> None:
         """Ask the group to stop; ``run()`` returns once engines and MPS are down."""
@@ -116,67 +109,89 @@ class GpuGroup:
         if self.state is GroupState.FAILED:
             self._wake.set()
 
+    def crashed(self, reason: str) -> None:
+        """``run()`` itself raised (a bug while stopping): FAILED with the error as reason,
+        nothing of it routed or left running."""
+        for plan in self.plan.engines:
+            self._pool.remove(plan.key)
+        for engine in self.engines.values():
+            engine.process.kill_group()
+        if can_transition(self.state, GroupState.FAILED):
+            self._set_state(GroupState.FAILED, reason)
+
+    def retune(self, options: GroupOptions) -> None:
+        """Reload: new restart, drain and MPS-timing settings; restarts already counted stay."""
+        self.options = options
+        self.budget.update(options.restart)
+
     def report_fault(self, fault: Fault) -> None:
-        """A fault seen outside the group's own watchers (an NVML Xid)."""
+        """A fault of the whole group seen outside its own watchers (an NVML Xid)."""
         if self._on_fault is not None:
             self._on_fault(fault)
         elif fault.fatal:
             self._fatal_pending = fault
             self._wake.set()
 
-    async def reconfigure(self, plan: GroupPlan) -> bool:
+    def report_engine_fault(self, key: str, signal: str, reason: str) -> None:
+        """One engine is dead or hung (the proxy saw it, or MPS logged its client's exit):
+        unrouted now, and its watcher ends it like any other fault of that engine."""
+        engine = self.engines.get(key)
+        if engine is None or engine.stopping or engine.pid is None:
+            return
+        self._route(key, False)
+        engine.condemn(signal, reason)
+
+    async def reconfigure(self, plan: GroupPlan) -> tuple[bool, str]:
         """Roll engine-level changes one engine at a time while the others keep serving.
 
         Each removed or changed engine is stopped the safe way (drain → SIGTERM →
         ``terminate_client`` → SIGKILL), then its replacement starts and must be ready before
-        the next one is touched. False when that is impossible (another GPU, MPS switched,
-        the group not RUNNING): then the caller restarts the whole group.
+        the next one is touched. ``(False, _)`` when that is impossible (another GPU, MPS
+        switched, the group not RUNNING): then the caller restarts the whole group. The text
+        says what went wrong, empty when everything rolled in.
         """
         identity = ("device", "uuid", "mps", "pipe_dir", "log_dir")
         if any(getattr(plan, a) != getattr(self.plan, a) for a in identity):
-            return False
+            return False, ""
         if self.state is not GroupState.RUNNING or self._tg is None:
-            return False
+            return False, ""
         old = {e.key: e for e in self.plan.engines}
         new = {e.key: e for e in plan.engines}
         self.plan = plan
+        problems: list[str] = []
         for key in [k for k in old if old[k] != new.get(k)]:
             engine = self.engines.pop(key, None)
             if engine is not None:
                 await self._stop_engine(engine)
             self._pool.remove(key)
             _log.info("engine_rolled_out", gpu=self.key, engine=key)
-            replacement = new.get(key)
-            if replacement is not None and not await self._roll_in(replacement):
-                return True
+            if key in new:
+                problems += await self._roll_in(new[key])
         for engine_plan in plan.engines:
-            if engine_plan.key not in old and not await self._roll_in(engine_plan):
-                return True
-        self._set_reason(self._ready_reason())
-        return True
+            if engine_plan.key not in old:
+                problems += await self._roll_in(engine_plan)
+        self._set_reason(self._ready_reason("; ".join(problems)))
+        return True, "; ".join(problems)
 
-    async def _roll_in(self, plan: EnginePlan) -> bool:
-        """Start one engine of a reconfigured, running group; False once the attempt ended."""
-        tg, on_fault = self._tg, self._on_fault
-        if tg is None or on_fault is None or self.state is not GroupState.RUNNING:
-            return False
+    async def _roll_in(self, plan: EnginePlan) -> list[str]:
+        """Start one engine of a reconfigured, running group; what went wrong, if anything.
+
+        A new engine that fails to start is its own problem, not its serving siblings': it is
+        killed and left out. Every step is bounded (``startup_timeout_s``).
+        """
+        tg = self._tg
+        if tg is None or self.state is not GroupState.RUNNING:
+            return [f"{plan.key} not started: {self.key} is {self.state} ({self.reason})"]
         self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
         failed: list[Fault] = []
-        if self.mps is None:
-            ready = anyio.Event()
-            tg.start_soon(self._engine_slot, plan, ready, on_fault)
-            await ready.wait()
-        else:
-            # A new engine that fails to start is its own problem, not its serving siblings':
-            # it is killed and left out; real faults of the shared context still arrive
-            # through the MPS signals and end the attempt.
-            engine = await self._start_engine(plan, self.mps, failed.append)
-            if engine is None:
-                await self._drop_engine(plan.key, failed[0].reason)
-                return True
-            tg.start_soon(self._watch_mps_engine, engine, on_fault)
+        engine = await self._start_engine(plan, self.mps, failed.append)
+        if engine is None:
+            why = failed[0].reason if failed else "stopped while starting"
+            await self._drop_engine(plan.key, why)
+            return [f"reload: {plan.key} failed to start ({why}); the others serve"]
+        self._watch(tg, engine)
         _log.info("engine_rolled_in", gpu=self.key, engine=plan.key)
-        return True
+        return []
 
     async def _drop_engine(self, key: str, reason: str) -> None:
         engine = self.engines.pop(key, None)
@@ -184,50 +199,76 @@ class GpuGroup:
             await engine.process.kill()
         self._pool.remove(key)
         _log.error("engine_roll_in_failed", gpu=self.key, engine=key, reason=reason)
-        self._set_reason(f"reload: {key} failed to start ({reason}); the others serve")
 
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Start, supervise and recover until ``stop()``; always leaves nothing running."""
+        """Start, supervise and recover until ``stop()``; always leaves nothing running.
+
+        An unexpected exception anywhere in an attempt or its recovery is a fatal fault: the
+        group goes FAILED with the error as its reason and waits for the operator.
+        """
         for plan in self.plan.engines:
             self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
         reason = "start"
         try:
             while not self._stop.is_set():
-                if self._fatal_pending is not None:
-                    self._set_state(GroupState.FAILED, self._fatal_pending.reason)
-                    self._fatal_pending = None
-                    await self._wait_wake()
-                    continue
-                self._set_state(GroupState.STARTING, reason)
-                fault = await self._attempt()
-                if fault is None:
-                    break
-                self._observer.fault(self, fault)
-                self.history.append({"at": time.time(), "signal": fault.signal,
-                                     "reason": fault.reason})
-                self._set_state(GroupState.RECOVERING, fault.reason)
-                await self._recover(fault)
-                now = time.monotonic()
-                self.budget.record(now)
-                if fault.fatal or self.budget.exhausted(now):
-                    why = fault.reason if fault.fatal else (
-                        f"crash loop ({self.budget.count(now)} restarts in "
-                        f"{self.budget.window_s:g} s): {fault.reason}")
-                    self._set_state(GroupState.FAILED, why)
-                    await self._wait_wake()
+                try:
+                    reason = await self._cycle(reason)
+                except Exception as exc:  # a bug must end in FAILED, not in a dead task
+                    _log.exception("group_error", gpu=self.key)
+                    await kill_engines(self.engines.values())
+                    await self._fail(Fault("internal", f"internal error: {exc!r}", fatal=True))
                     reason = "operator restart"
-                    continue
-                delay = self.budget.backoff(now, self._rng)
-                self._set_state(GroupState.BACKOFF, f"restart in {delay:.1f}s after {fault.signal}")
-                with anyio.move_on_after(delay):
-                    await self._wait_wake()
-                reason = f"restart after {fault.signal}"
         finally:
             await self._shutdown()
             for plan in self.plan.engines:
                 self._pool.remove(plan.key)
+
+    async def _cycle(self, reason: str) -> str:
+        """One attempt and what follows it; the reason for the next start."""
+        pending, self._fatal_pending = self._fatal_pending, None
+        if pending is not None:
+            await self._fail(pending)
+            return "operator restart"
+        self._set_state(GroupState.STARTING, reason)
+        fault = await self._attempt()
+        if fault is None:
+            return reason
+        self._set_state(GroupState.RECOVERING, fault.reason)
+        delay = self._count_restart(fault)
+        await self._recover(fault)
+        if delay is None:
+            await self._fail(fault if fault.fatal else self._crash_loop(fault))
+            return "operator restart"
+        self._set_state(GroupState.BACKOFF, f"restart in {delay:.1f}s after {fault.signal}")
+        with anyio.move_on_after(delay):
+            await self._wait_wake()
+        return f"restart after {fault.signal}"
+
+    def _count_restart(self, fault: Fault) -> float | None:
+        """The one restart bookkeeping (the group, or ``fault.engine`` alone): history, budget,
+        observers. The backoff before the next start, or None when fatal or a crash loop."""
+        entry: HistoryEntry = {"at": time.time(), "signal": fault.signal, "reason": fault.reason}
+        if fault.engine:
+            entry["engine"] = fault.engine
+        self.history.append(entry)
+        now = time.monotonic()
+        self.budget.record(now)
+        crash = fault.fatal or self.budget.exhausted(now)
+        if not (crash and fault.engine):  # an engine's crash loop is counted as the group's
+            self._observer.fault(self, fault)
+        return None if crash else self.budget.backoff(now, self._rng)
+
+    def _crash_loop(self, fault: Fault) -> Fault:
+        now = time.monotonic()
+        return Fault(fault.signal, f"crash loop ({self.budget.count(now)} restarts in "
+                                   f"{self.budget.window_s:g} s): {fault.reason}", fatal=True)
+
+    async def _fail(self, fault: Fault) -> None:
+        """FAILED with the fault's reason, until ``restart()`` or ``stop()``."""
+        self._set_state(GroupState.FAILED, fault.reason)
+        await self._wait_wake()
 
     async def _attempt(self) -> Fault | None:
         """One start-and-watch cycle; the fault that ended it, or None when asked to stop."""
@@ -239,9 +280,9 @@ class GpuGroup:
                     return
                 faults.append(fault)
                 for key in self.engines:
-                    self._pool.set_routable(key, False)
+                    self._route(key, False)
                 _log.error("fault_detected", gpu=self.key, signal=fault.signal,
-                           reason=fault.reason)
+                           reason=fault.reason, at=time.time())
                 tg.cancel_scope.cancel()
 
             self._on_fault, self._tg = on_fault, tg
@@ -251,23 +292,20 @@ class GpuGroup:
             except SpawnError as exc:
                 on_fault(Fault("spawn", f"boot failure: {exc}", fatal=True))
         self._on_fault, self._tg = None, None
-        if not faults and not self._stop.is_set():  # pragma: no cover - defensive
-            return Fault("internal", "attempt ended without a fault")
-        return faults[0] if faults else None
+        if faults:
+            return faults[0]
+        if self._stop.is_set():
+            return None
+        return Fault("internal", "attempt ended without a fault", fatal=True)
 
-    async def _start_all(self, tg: TaskGroup, on_fault: Callable[[Fault], None]) -> None:
+    async def _start_all(self, tg: TaskGroup, on_fault: OnFault) -> None:
         t0 = time.monotonic()
         mps = await self._ensure_mps(tg, on_fault) if self.plan.mps else None
         for plan in self.plan.engines:
-            if mps is None:
-                ready = anyio.Event()
-                tg.start_soon(self._engine_slot, plan, ready, on_fault)
-                await ready.wait()
-                continue
             engine = await self._start_engine(plan, mps, on_fault)
             if engine is None:
                 return
-            tg.start_soon(self._watch_mps_engine, engine, on_fault)
+            self._watch(tg, engine)
         if self._recovering_since is not None:
             self._observer.recovered(self, "engine", time.monotonic() - t0)
             self._recovering_since = None
@@ -276,7 +314,7 @@ class GpuGroup:
         tg.start_soon(self._forgive_when_stable)
 
     async def _start_engine(self, plan: EnginePlan, mps: MpsDaemon | None,
-                            on_fault: Callable[[Fault], None]) -> Engine | None:
+                            on_fault: OnFault) -> Engine | None:
         """Start one engine and wait until it is ready; None after reporting a fault."""
         engine = Engine(plan, self._session, self.options.registry)
         self.engines[plan.key] = engine
@@ -292,69 +330,61 @@ class GpuGroup:
             on_fault(Fault("engine_exit", f"{'boot failure: ' if boot else ''}{exc}", fatal=boot))
             return None
         except (StartupTimeout, HealthCheckFailed, MpsCommandError) as exc:
+            await engine.process.kill()
             on_fault(Fault("startup", str(exc)))
             return None
-        self._pool.set_routable(plan.key, True)
+        self._route(plan.key, True)
         return engine
 
-    async def _watch_mps_engine(self, engine: Engine, on_fault: Callable[[Fault], None]) -> None:
-        signal, reason = await self._watch_engine(engine)
-        if not engine.stopping:
-            on_fault(Fault(signal, reason))
+    def _watch(self, tg: TaskGroup, engine: Engine) -> None:
+        """MPS on: any engine's fault is the group's. MPS off: the engine restarts alone."""
+        if self.plan.mps:
+            tg.start_soon(self._watch_mps_engine, engine)
+        else:
+            tg.start_soon(self._engine_slot, engine)
 
-    async def _engine_slot(self, plan: EnginePlan, ready: anyio.Event,
-                           on_fault: Callable[[Fault], None]) -> None:
+    def _router(self, engine: Engine) -> Callable[[bool], None]:
+        def route(ok: bool) -> None:
+            if not ok or not (engine.stopping or engine.condemned):
+                self._route(engine.key, ok)
+        return route
+
+    async def _watch_mps_engine(self, engine: Engine) -> None:
+        fault = await watch_engine(engine, self._router(engine))
+        if not engine.stopping and self._on_fault is not None:
+            self._on_fault(fault)
+
+    async def _engine_slot(self, engine: Engine) -> None:
         """MPS off: this engine alone is its fault domain; its siblings keep serving."""
         while True:
-            engine = await self._start_engine(plan, None, on_fault)
-            if engine is None:
-                return
-            if ready.is_set() and self.state is GroupState.RUNNING:  # back after a restart
-                self._set_reason(self._ready_reason())
-            ready.set()
-            signal, reason = await self._watch_engine(engine)
+            fault = await watch_engine(engine, self._router(engine))
             if engine.stopping:
                 return
-            self._pool.set_routable(plan.key, False)
             await engine.process.kill()
-            self.history.append({"at": time.time(), "signal": signal, "reason": reason,
-                                 "engine": plan.key})
-            now = time.monotonic()
-            self.budget.record(now)
-            if self.budget.exhausted(now):
-                on_fault(Fault(signal, f"crash loop ({self.budget.count(now)} restarts in "
-                                       f"{self.budget.window_s:g} s): {reason}", fatal=True))
+            fault = replace(fault, engine=engine.key)
+            delay = self._count_restart(fault)
+            if delay is None:
+                if self._on_fault is not None:
+                    self._on_fault(replace(fault if fault.fatal else self._crash_loop(fault),
+                                           engine=""))
                 return
-            self._observer.fault(self, Fault(signal, reason, engine=plan.key))
             if self.state is GroupState.RUNNING:
-                self._set_reason(self._ready_reason(f"{plan.key} restarting: {reason}"))
-            delay = self.budget.backoff(now, self._rng)
-            _log.warning("engine_restart", gpu=self.key, engine=plan.key, reason=reason,
+                self._set_reason(self._ready_reason(f"{engine.key} restarting: {fault.reason}"))
+            _log.warning("engine_restart", gpu=self.key, engine=engine.key, reason=fault.reason,
                          delay_s=round(delay, 2))
             await anyio.sleep(delay)
+            plan = engine.plan
+            if self.engines.get(plan.key) is not engine:  # rolled out meanwhile
+                return
+            assert self._on_fault is not None
+            restarted = await self._start_engine(plan, None, self._on_fault)
+            if restarted is None:
+                return
+            engine = restarted
+            if self.state is GroupState.RUNNING:  # back after a restart
+                self._set_reason(self._ready_reason())
 
-    async def _watch_engine(self, engine: Engine) -> tuple[str, str]:
-        """Until the engine exits or fails its health probes: (signal, reason)."""
-        result: list[tuple[str, str]] = []
-        async with anyio.create_task_group() as tg:
-
-            async def exited() -> None:
-                code = await engine.process.wait()
-                result.append(("engine_exit", f"{engine.key} exited with code {code}"))
-                tg.cancel_scope.cancel()
-
-            async def health() -> None:
-                try:
-                    await engine.watch_health()
-                except HealthCheckFailed as exc:
-                    result.append(("health", str(exc)))
-                    tg.cancel_scope.cancel()
-
-            tg.start_soon(exited)
-            tg.start_soon(health)
-        return result[0]
-
-    async def _ensure_mps(self, tg: TaskGroup, on_fault: Callable[[Fault], None]) -> MpsDaemon:
+    async def _ensure_mps(self, tg: TaskGroup, on_fault: OnFault) -> MpsDaemon:
         if self.mps is None or self.mps.pid is None:
             self.mps = MpsDaemon(
                 self.key, self.options.mps.control_binary, self.plan.uuid, self.plan.pipe_dir,
@@ -369,80 +399,32 @@ class GpuGroup:
                 await self.mps.kill()
                 raise SpawnError(f"MPS daemon did not come up: {exc}") from exc
         mps = self.mps
-        tg.start_soon(self._watch_mps_daemon, mps, on_fault)
-        tg.start_soon(self._poll_mps_status, mps, on_fault)
+        tg.start_soon(watch_mps, mps, self.options.mps.status_interval_s, on_fault)
         return mps
 
-    async def _watch_mps_daemon(self, mps: MpsDaemon, on_fault: Callable[[Fault], None]) -> None:
-        code = await mps.wait()
-        on_fault(Fault("mps_daemon_exit", f"MPS control daemon exited with code {code}"))
-
-    async def _poll_mps_status(self, mps: MpsDaemon, on_fault: Callable[[Fault], None]) -> None:
-        failures = 0
-        while True:
-            await anyio.sleep(self.options.mps.status_interval_s)
-            try:
-                for server in await mps.server_pids():
-                    if await mps.server_status(server) == "FAULT":
-                        on_fault(Fault("mps_status", f"MPS server {server} status FAULT"))
-                        return
-                failures = 0
-            except MpsCommandError as exc:
-                failures += 1
-                if failures >= _STATUS_FAILURES:
-                    on_fault(Fault("mps_unresponsive", f"MPS daemon not answering: {exc}"))
-                    return
-
     def _on_mps_log(self, event: MpsLogEvent) -> None:
+        """A fatal line faults the group; a client of a running engine going away (EngineCore
+        died: 2 ms after the kill on the H200) condemns that engine at once."""
         if event.kind is MpsLogKind.FATAL and self._on_fault is not None:
             self._on_fault(Fault("mps_log", f"{event.source}: {event.line}"))
+        elif event.kind is MpsLogKind.CLIENT_EXITED and event.pid is not None:
+            for engine in list(self.engines.values()):
+                if event.pid in engine.mps_pids:
+                    self.report_engine_fault(engine.key, "mps_client_exit",
+                                             f"{engine.key}: MPS client {event.pid} went away")
 
     async def _recover(self, fault: Fault) -> None:
         """Fail fast: SIGKILL every engine at once, then get the MPS server ACTIVE again."""
         t0 = time.monotonic()
         self._recovering_since = t0
-        await self._kill_engines()
+        await kill_engines(self.engines.values())
         if self.mps is not None:
-            recovered = self.mps.pid is not None and await self.mps.wait_recovered(
-                self.options.mps.recover_timeout_s)
-            if not recovered:
-                _log.warning("mps_daemon_replace", gpu=self.key, reason=fault.reason)
-                if self.mps.pid is not None:
-                    await self.mps.stop(1.0)
-                else:
-                    await self.mps.kill()
+            if not await recover_mps(self.mps, self.options.mps.recover_timeout_s, fault):
                 self.mps = None
             self._observer.recovered(self, "mps", time.monotonic() - t0)
 
-    async def _kill_engines(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for engine in self.engines.values():
-                tg.start_soon(engine.process.kill)
-
     async def _stop_engine(self, engine: Engine) -> None:
-        """On purpose: drain → SIGTERM → at the deadline ``terminate_client`` → SIGKILL.
-
-        SIGKILL of a busy MPS client faults its siblings; ``terminate_client`` first makes
-        the kill safe (mps.md §1.2).
-        """
-        engine.stopping = True
-        if engine.pid is None:
-            return
-        await self._pool.drain(engine.key, self.options.drain_timeout_s)
-        mps = self.mps
-
-        async def terminate_clients() -> None:
-            if mps is None or mps.pid is None:
-                return
-            try:
-                for pid in await engine.mps_clients(mps):
-                    await mps.terminate_client(pid)
-            except MpsCommandError as exc:
-                _log.warning("terminate_client_failed", gpu=self.key, engine=engine.key,
-                             error=str(exc))
-
-        code = await engine.process.terminate(engine.plan.stop_timeout_s, terminate_clients)
-        _log.info("engine_stopped", gpu=self.key, engine=engine.key, code=code)
+        await stop_engine(engine, self._pool, self.mps, self.options.drain_timeout_s)
 
     async def _shutdown(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -467,7 +449,7 @@ class GpuGroup:
 
     async def _wait_wake(self) -> None:
         self._wake = anyio.Event()
-        if self._stop.is_set():
+        if self._stop.is_set() or self._fatal_pending is not None:
             return
         await self._wake.wait()
 
@@ -477,17 +459,25 @@ class GpuGroup:
         text = f"{ready}/{len(self.plan.engines)} engines ready"
         return f"{text}; {note}" if note else text
 
+    def _route(self, key: str, routable: bool) -> None:
+        """Routability of one of this group's engines (gone from the pool: nothing to do)."""
+        if self._pool.get(key) is not None:
+            self._pool.set_routable(key, routable)
+
     def _set_reason(self, reason: str) -> None:
         self.reason = reason
         self._observer.state_changed(self, self.state, self.state)
 
     def _set_state(self, new: GroupState, reason: str) -> None:
+        """The one writer of ``state``; an edge the state machine lacks is a bug and raises."""
         old = self.state
-        if new is old or not can_transition(old, new):
-            if new is not old:
-                _log.debug("transition_skipped", gpu=self.key, **{"from": str(old)},
-                           to=str(new))
+        if new is old:
+            self._set_reason(reason)
             return
+        if not can_transition(old, new):
+            _log.error("illegal_transition", gpu=self.key, **{"from": str(old)}, to=str(new),
+                       reason=reason)
+            raise IllegalTransition(f"{self.key}: {old} -> {new} ({reason})")
         self.state, self.since, self.reason = new, time.time(), reason
         log = _log.error if new is GroupState.FAILED else _log.info
         log("group_state", gpu=self.key, **{"from": str(old)}, to=str(new), reason=reason)

@@ -183,9 +183,13 @@ class MpsDaemon:
             await anyio.sleep(0.05)
 
     def _prepare_dirs(self) -> None:
+        """A directory that cannot be made is a boot failure of the group (FAILED, with why)."""
         self._clean_pipe_dir()
-        self.pipe_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for directory, mode in ((self.pipe_dir, 0o700), (self.log_dir, 0o750)):
+            try:
+                directory.mkdir(parents=True, exist_ok=True, mode=mode)
+            except OSError as exc:
+                raise SpawnError(f"cannot create {directory}: {exc.strerror}") from exc
 
     def _clean_pipe_dir(self) -> None:
         """A dead daemon's sockets and pid file would confuse the next one and its clients."""

@@ -34,9 +34,7 @@ _PATTERNS: tuple[tuple[MpsLogKind, re.Pattern[str]], ...] = (
     (MpsLogKind.FATAL, re.compile(
         r"fatal GPU error|sticky error|to be torn down|devices will be reset|"
         r"fatal exception", re.IGNORECASE)),
-    (MpsLogKind.NOISE, re.compile(
-        r"did not send valid credentials|failed to rece?i?v?e command with status 806",
-        re.IGNORECASE)),
+    (MpsLogKind.NOISE, re.compile(r"did not send valid credentials", re.IGNORECASE)),
     (MpsLogKind.CLIENT_TERMINATED, re.compile(r"requesting client .* to exit|"
                                               r"Client termination succeeded", re.IGNORECASE)),
     (MpsLogKind.SERVER_STARTED, re.compile(r"Server has started|NEW SERVER \d+: Ready|"
@@ -44,13 +42,17 @@ _PATTERNS: tuple[tuple[MpsLogKind, re.Pattern[str]], ...] = (
     (MpsLogKind.SERVER_EXITED, re.compile(r"Server \d+ exited with status", re.IGNORECASE)),
     (MpsLogKind.CLIENT_ACTIVE, re.compile(r"Status of client .* is ACTIVE|NEW CLIENT",
                                           re.IGNORECASE)),
-    (MpsLogKind.CLIENT_EXITED, re.compile(r"Client .* exiting", re.IGNORECASE)),
+    # driver 580 prints the first two when a client goes; the H200 run with vLLM 0.26 showed
+    # "Client process <pid> disconnected" 2 ms after a kill -9 of EngineCore (issue #10)
+    (MpsLogKind.CLIENT_EXITED, re.compile(r"Client .* exiting|assuming client .* exit|"
+                                          r"Client process \d+ disconnected", re.IGNORECASE)),
     (MpsLogKind.SETTING, re.compile(r"Active Threads Percentage set to|"
                                     r"pinned memory limit .* set to", re.IGNORECASE)),
     (MpsLogKind.COMMAND, re.compile(r"\bCmd:", re.IGNORECASE)),
 )
 _SOURCE = re.compile(r"^\[[^\]]*?\b(Control|Server)\b")
-_PID = re.compile(r"PID:\s*(\d+)|(?:CLIENT|[Ss]erver)\s+(\d+)")
+_PREFIX = re.compile(r"^\[[^\]]*\]\s*")
+_PID = re.compile(r"PID:\s*(\d+)|(?:CLIENT|[Ss]erver|[Cc]lient process)\s+(\d+)")
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,14 @@ class MpsLogEvent:
 
 
 def parse_line(group: str, source: str, line: str) -> MpsLogEvent:
-    """Classify one line; the first matching pattern wins (fatal before everything)."""
+    """Classify one line; the first matching pattern wins (fatal before everything).
+
+    The PID is the one the message names, never the logger's own from the bracketed prefix
+    (``[... Server   1246] Client {PID: 1209, ...} exiting`` names client 1209).
+    """
     kind = next((k for k, pattern in _PATTERNS if pattern.search(line)), MpsLogKind.OTHER)
-    match = _PID.search(line)
+    prefix = _PREFIX.match(line)
+    match = _PID.search(line, prefix.end() if prefix else 0)
     pid = int(match.group(1) or match.group(2)) if match else None
     return MpsLogEvent(group, source, kind, pid, line)
 

@@ -190,16 +190,27 @@ class ChildProcess:
         return self._registry / f"{self._proc.pid}"
 
     def _remember(self) -> None:
+        """Best effort: a registry that cannot be written (a read-only or full ``state_dir``)
+        costs only the reaping of this child after a ``kill -9`` of mpsd, never the child."""
         path = self._record_file()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{_start_time(self.pid)} {self.name}\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{_start_time(self.pid)} {self.name}\n")
+        except OSError as exc:
+            _log.warning("pgid_registry_unwritable", name=self.name, path=str(path),
+                         error=str(exc), **self._fields)
 
     def _forget(self) -> None:
         path = self._record_file()
-        if path is not None:
+        if path is None:
+            return
+        try:
             path.unlink(missing_ok=True)
+        except OSError as exc:
+            _log.warning("pgid_registry_unwritable", name=self.name, path=str(path),
+                         error=str(exc), **self._fields)
 
 
 def reap_leftovers(registry: Path) -> list[int]:

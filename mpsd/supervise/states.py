@@ -25,15 +25,19 @@ class GroupState(enum.StrEnum):
     STOPPING = "stopping"
 
 
+class IllegalTransition(RuntimeError):
+    """A group tried an edge the state machine lacks: a bug, never skipped silently."""
+
+
 _S = GroupState
 TRANSITIONS: dict[GroupState, frozenset[GroupState]] = {
-    _S.STOPPED: frozenset({_S.STARTING, _S.STOPPING}),
+    _S.STOPPED: frozenset({_S.STARTING, _S.FAILED, _S.STOPPING}),  # FAILED: a fatal Xid first
     _S.STARTING: frozenset({_S.RUNNING, _S.RECOVERING, _S.FAILED, _S.STOPPING}),
     _S.RUNNING: frozenset({_S.RECOVERING, _S.FAILED, _S.STOPPING}),
     _S.RECOVERING: frozenset({_S.BACKOFF, _S.FAILED, _S.STOPPING}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.FAILED, _S.STOPPING}),
     _S.FAILED: frozenset({_S.STARTING, _S.STOPPING}),
-    _S.STOPPING: frozenset({_S.STOPPED}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),  # FAILED: the stop itself broke
 }
 
 

@@ -20,9 +20,10 @@ from anyio.abc import TaskGroup
 from mpsd import logs
 from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import GroupPlan, Plan
-from mpsd.pool import BackendPool
+from mpsd.pool import Backend, BackendPool
 from mpsd.status import BackendStatus, DaemonStatus, GroupStatus
-from mpsd.supervise.group import Fault, GpuGroup, GroupObserver, GroupOptions
+from mpsd.supervise.faults import Fault
+from mpsd.supervise.group import GpuGroup, GroupObserver, GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.xids import HARDWARE_XIDS, classify_xid
 
@@ -49,9 +50,9 @@ class Supervisor:
         self._stopped = anyio.Event()
         self._settled = anyio.Event()
         self._done: dict[str, anyio.Event] = {}
-        self._crashed: set[str] = set()
         self._tg: TaskGroup | None = None
         self.groups = {g.key: self._new_group(g) for g in plan.groups}
+        pool.on_engine_fault = self._engine_fault
 
     # GroupObserver -------------------------------------------------------------------
 
@@ -76,6 +77,12 @@ class Supervisor:
         for observer in self.observers:
             observer.recovered(group, phase, seconds)
 
+    def _engine_fault(self, backend: Backend, signal: str, reason: str) -> None:
+        """The proxy saw an engine dead or stalled: its group hears it like its own signal."""
+        group = self.groups.get(backend.gpu)
+        if group is not None:
+            group.report_engine_fault(backend.key, signal, reason)
+
     # control ---------------------------------------------------------------------------
 
     async def run(self) -> ExitCode:
@@ -97,7 +104,7 @@ class Supervisor:
         settings are applied to every group live. Removed groups drain and stop. A changed
         group whose GPU and MPS setup stay the same rolls its engines one at a time
         (:meth:`GpuGroup.reconfigure`); any other changed group is stopped safely and started
-        from the new plan.
+        from the new plan. ``problems`` lists what did not come up (the reload still happened).
         """
         if self._stopped.is_set():
             raise MpsdError("mpsd is shutting down")
@@ -112,9 +119,15 @@ class Supervisor:
                   added=added)
         self.plan, self.options = plan, options
         for key in unchanged + (changed if mps_same else []):
-            old[key].options = options
-            old[key].budget.update(options.restart)
-        rolled = [k for k in changed if mps_same and await old[k].reconfigure(new[k])]
+            old[key].retune(options)
+        rolled: list[str] = []
+        problems: list[str] = []
+        for key in changed if mps_same else []:
+            done, problem = await old[key].reconfigure(new[key])
+            if done:
+                rolled.append(key)
+            if problem:
+                problems.append(f"{key}: {problem}")
         restarted = [k for k in changed if k not in rolled]
         async with anyio.create_task_group() as tg:
             for key in restarted + removed:
@@ -128,7 +141,8 @@ class Supervisor:
         self._settled = anyio.Event()
         self._publish()
         return {"unchanged": unchanged, "changed": changed, "rolled": rolled,
-                "restarted": restarted, "removed": removed, "added": added}
+                "restarted": restarted, "removed": removed, "added": added,
+                "problems": problems}
 
     async def drain_group(self, key: str) -> GpuGroup:
         """Take one GPU out of service on purpose: its engines drain and stop, its MPS daemon
@@ -144,7 +158,7 @@ class Supervisor:
         group = self._require(key)
         if self._stopped.is_set():
             raise MpsdError("mpsd is shutting down")
-        if group.state is GroupState.FAILED:
+        if group.state is GroupState.FAILED and not self._done[group.key].is_set():
             group.restart()
             return group
         if group.state is not GroupState.STOPPED:
@@ -169,9 +183,9 @@ class Supervisor:
         async def run_group() -> None:
             try:
                 await group.run()
-            except Exception:  # a bug in one group must not take the other GPUs down
+            except Exception as exc:  # a bug in one group must not take the other GPUs down
                 _log.exception("group_crashed", gpu=group.key)
-                self._crashed.add(group.key)
+                group.crashed(f"internal error: {exc!r}")
             finally:
                 done.set()
 
@@ -181,9 +195,15 @@ class Supervisor:
         self.groups[key].stop()
         await self._done[key].wait()
 
+    def held_ports(self) -> set[int]:
+        """Ports mpsd's own engines listen on now (a reload may reuse them)."""
+        return {e.plan.port for g in self.groups.values() for e in g.engines.values()
+                if e.pid is not None}
+
     def alive(self) -> bool:
-        """For the systemd watchdog: the supervisor runs and no group task died unasked."""
-        return self._tg is not None and not self._crashed
+        """For the systemd watchdog: the supervisor runs (a group that crashed is FAILED with
+        its reason, which restarting mpsd would not mend)."""
+        return self._tg is not None
 
     def stop(self) -> None:
         self._stopped.set()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mpsd.supervise.engine import group_pids
+from mpsd.supervise.tree import group_pids
 from tests.gpu.gpu_env import GpuMpsd, Results, epoch, proc_environ, smi, trigger_fault
 from tests.harness import http, wait_until
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from mpsd.supervise.engine import group_pids
+from mpsd.supervise.tree import group_pids
 from tests.gpu.gpu_env import (
     FAKE,
     SERVED,

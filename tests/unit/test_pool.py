@@ -22,7 +22,8 @@ def _backend(key: str, model: str = "m", inflight: int = 0, routable: bool = Tru
 
 
 def _pool(*keys: str, model: str = "m", cap: int = 0, seed: int = 0) -> BackendPool:
-    pool = BackendPool(max_inflight_per_engine=cap, rng=random.Random(seed))
+    pool = BackendPool(rng=random.Random(seed))
+    pool.configure(max_inflight_per_engine=cap)
     for key in keys:
         pool.add(Backend(key=key, gpu=key.partition("/")[0], model=model, base_url=f"http://{key}"))
         pool.set_routable(key, True)
@@ -98,7 +99,8 @@ class TestRegistration:
         pool = _pool("g0/a")
         (row,) = pool.snapshot()
         assert row == {"key": "g0/a", "gpu": "g0", "model": "m", "url": "http://g0/a",
-                       "routable": True, "inflight": 0, "requests": 0, "connect_failures": 0}
+                       "routable": True, "inflight": 0, "requests": 0, "connect_failures": 0,
+                       "ejected": False, "ejections": 0}
 
     def test_set_routable_unknown_key(self) -> None:
         with pytest.raises(KeyError):
@@ -253,7 +255,7 @@ class TestQueue:
             async with pool.lease("m"):
                 task = asyncio.create_task(pool.lease("m", wait_s=5).__aenter__())
                 await until(lambda: pool.queued() != 0, interval_s=0)
-                pool.set_cap(2)
+                pool.configure(max_inflight_per_engine=2)
                 backend = await task
                 assert backend.inflight == 2
                 pool._release(backend)  # the task's own lease object is gone; release its slot
@@ -283,7 +285,8 @@ class TestQueue:
         run(scenario)
 
     def test_other_model_not_blocked_by_a_saturated_one(self) -> None:
-        pool = BackendPool(max_inflight_per_engine=1, rng=random.Random(0))
+        pool = BackendPool(rng=random.Random(0))
+        pool.configure(max_inflight_per_engine=1)
         for key, model in (("g0/a", "x"), ("g0/b", "y")):
             pool.add(_backend(key, model=model))
             pool.set_routable(key, True)
@@ -356,7 +359,8 @@ _OPS = st.lists(
 @given(ops=_OPS, seed=st.integers(0, 2**16))
 def test_counts_are_exact_under_random_event_sequences(ops: list[tuple[Any, Any, Any]],
                                                       seed: int) -> None:
-    pool = BackendPool(max_inflight_per_engine=1, rng=random.Random(seed))
+    pool = BackendPool(rng=random.Random(seed))
+    pool.configure(max_inflight_per_engine=1)
     keys = ["g0/x0", "g0/x1", "g1/y0", "g1/y1"]
     for key in keys:
         pool.add(_backend(key, model=key[3]))
@@ -392,7 +396,7 @@ def test_counts_are_exact_under_random_event_sequences(ops: list[tuple[Any, Any,
             elif op == "routable":
                 pool.set_routable(keys[arg], extra)
             elif op == "cap":
-                pool.set_cap(arg)
+                pool.configure(max_inflight_per_engine=arg)
             for _ in range(3):
                 await asyncio.sleep(0)
             _check_invariants(pool, len(holders))
@@ -400,7 +404,7 @@ def test_counts_are_exact_under_random_event_sequences(ops: list[tuple[Any, Any,
             done.set()
         for key in keys:
             pool.set_routable(key, True)
-        pool.set_cap(0)
+        pool.configure(max_inflight_per_engine=0)
         await asyncio.gather(*(t for t, _, _ in tasks), return_exceptions=True)
         assert [b.inflight for b in pool.backends()] == [0, 0, 0, 0]
         assert pool.queued() == 0

@@ -204,14 +204,15 @@ class TestErrors:
             assert out.startswith(b"HTTP/1.1 413 ")
         assert not engines[0].requests
 
-    async def test_engine_closing_before_the_head_is_502_and_not_retried(
+    async def test_engine_closing_before_the_head_is_retried_once_per_engine_then_502(
             self, engines: list[ScriptedEngine], session: aiohttp.ClientSession) -> None:
         pool = make_pool({"gpu0/a": engines[0].url, "gpu0/b": engines[1].url})
         async with running_proxy(pool) as proxy:
             status, _, raw = await post(session, proxy, body("close"))
             assert status == 502 and error_of(raw)["type"] == "BadGatewayError"
-        # the request reached one engine and was never sent to the other one
-        assert len(engines[0].requests) + len(engines[1].requests) == 1
+        # each engine got the request exactly once, and both reset a fresh connection: ejected
+        assert len(engines[0].requests) == len(engines[1].requests) == 1
+        assert pool.routable_count() == 0 and pool.inflight_total() == 0
 
     async def test_first_byte_timeout_504(self, engines: list[ScriptedEngine],
                                           session: aiohttp.ClientSession) -> None:

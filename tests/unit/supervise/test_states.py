@@ -29,7 +29,7 @@ def test_lifecycle_edges_are_legal(old: GroupState, new: GroupState) -> None:
 
 @pytest.mark.parametrize(("old", "new"), [
     (S.STOPPED, S.RUNNING), (S.RUNNING, S.STARTING), (S.STOPPING, S.RUNNING),
-    (S.FAILED, S.RUNNING), (S.BACKOFF, S.RUNNING), (S.STOPPED, S.FAILED),
+    (S.FAILED, S.RUNNING), (S.BACKOFF, S.RUNNING), (S.STOPPING, S.STARTING),
 ])
 def test_illegal_edges_are_refused(old: GroupState, new: GroupState) -> None:
     assert not can_transition(old, new)
