@@ -78,6 +78,7 @@ def _journal_renderer(_: Any, method: str, event: structlog.typing.EventDict) ->
     return f"<{_JOURNAL_PRIORITY.get(level, 6)}>{line}"
 
 
+_VLLM_PREFIX = re.compile(r"\| \(([\w.-]+) pid=\d+\) [A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\] ?")
 _RESET, _DIM, _BOLD = "\033[0m", "\033[2m", "\033[1m"
 _LEVEL_STYLE = {"debug": ("debug", "\033[90m"), "info": ("info ", ""),
                 "warning": ("warn ", "\033[33m"), "error": ("error", "\033[31m"),
@@ -100,7 +101,9 @@ class _ConsoleRenderer:
         label, color = _LEVEL_STYLE.get(level, (level[:5].ljust(5), ""))
         is_output = event.get("event") == "output"
         headline = _headline(event)
-        if not is_output:
+        if is_output:  # the console stamps lines itself: vLLM's own stamp and source go
+            headline = _VLLM_PREFIX.sub(r"| \1: ", headline, count=1)
+        else:
             headline = self._paint(headline, _BOLD if level == "info" else color)
         fields = _fields(event)
         line = (f"{self._paint(stamp, _DIM)} {self._paint(label, color)} {headline}"
@@ -190,3 +193,41 @@ def probe_access_line(paths: Collection[str]) -> Callable[[str], bool]:
         return found is not None and found.group(1) in wanted
 
     return matches
+
+
+_SOURCE = re.compile(r"\[[\w.]+:\d+\]")
+
+
+class EngineOutput:
+    """The level of each output line of one engine, or None for a line never to log.
+
+    Drops access-log lines of mpsd's own probes (``probe_paths``). While ``stopping()`` says
+    mpsd asked the engine to stop, the traceback vLLM (0.32) logs on every orderly stop —
+    "AsyncLLM output_handler failed" … ``EngineDeadError``, because its engine client stops
+    EngineCore before the output handler — goes to debug, announced by one info event: it is
+    the shutdown order, not a fault. The same lines at any other time stay errors.
+    """
+
+    def __init__(self, engine: str, probe_paths: Collection[str],
+                 stopping: Callable[[], bool]) -> None:
+        self._engine = engine
+        self._probe = probe_access_line(probe_paths)
+        self._stopping = stopping
+        self._expected_source: str | None = None
+
+    def __call__(self, line: str, previous: str) -> str | None:
+        if self._probe(line):
+            return None
+        if self._expected_source is not None:
+            if self._expected_source in line:
+                return "debug"
+            self._expected_source = None
+        if "AsyncLLM output_handler failed" in line and self._stopping():
+            source = _SOURCE.search(line)
+            self._expected_source = source.group(0) if source else None
+            get("mpsd.engine").info(
+                "engine_stop_traceback", engine=self._engine,
+                msg=f"{self._engine}: vLLM logs an EngineDeadError traceback when it stops "
+                    "(its own shutdown order, not a fault); shown at log_level debug")
+            return "debug"
+        return engine_line_level(line, previous)

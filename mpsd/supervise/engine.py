@@ -55,18 +55,19 @@ class _Progress:
 
     def enter(self, phase: str) -> None:
         self.phase = phase
-        self._say("engine_phase", f"{self._plan.key}: {phase}")
+        self._say("engine_phase", "{key}: {phase} ({seconds:.0f} s)")
 
     def tick(self) -> None:
         if time.monotonic() - self._said >= PROGRESS_EVERY_S:
-            self._say("engine_loading", f"{self._plan.key}: still {self.phase} "
+            self._say("engine_loading", "{key}: still {phase}, {seconds:.0f} s so far "
                       f"(gives up at {self._plan.startup_timeout_s:g} s)")
 
-    def _say(self, event: str, msg: str) -> None:
+    def _say(self, event: str, template: str) -> None:
         self._said = time.monotonic()
-        elapsed = round(self._said - self._started, 1)
+        seconds = round(self._said - self._started, 1)
         _log.info(event, gpu=self._plan.gpu, engine=self._plan.key, phase=self.phase,
-                  seconds=elapsed, msg=f"{msg}, {elapsed:.0f} s")
+                  seconds=seconds,
+                  msg=template.format(key=self._plan.key, phase=self.phase, seconds=seconds))
 
 
 class Engine:
@@ -79,7 +80,8 @@ class Engine:
         self.process = ChildProcess(
             plan.key, plan.argv, plan.env, cpus=plan.cpus, registry=registry,
             log_fields={"gpu": plan.gpu, "engine": plan.key},
-            quiet=logs.probe_access_line(_PROBED_PATHS | {plan.health_path}))
+            levels=logs.EngineOutput(plan.key, _PROBED_PATHS | {plan.health_path},
+                                     lambda: self.stopping))
         self.stopping = False
         self.answered = False  # /health said 200 once: it booted, whatever happens next
         self.mps_pids: frozenset[int] = frozenset()  # its MPS clients, seen by the attach check

@@ -58,9 +58,10 @@ class ChildProcess:
                  cpus: Sequence[int] | None = None, registry: Path | None = None,
                  log_fields: Mapping[str, Any] | None = None,
                  on_line: Callable[[str], None] | None = None,
-                 quiet: Callable[[str], bool] | None = None) -> None:
-        """``on_line`` takes over the child's output lines (else each is an ``output`` event at
-        the level the line states); lines for which ``quiet`` is true are dropped."""
+                 levels: Callable[[str, str], str | None] | None = None) -> None:
+        """``on_line`` takes over the child's output lines; else each is an ``output`` event at
+        the level ``levels(line, previous line's level)`` gives (default: the level the line
+        states, :func:`mpsd.logs.engine_line_level`), or dropped where that is None."""
         self.name = name
         self.argv = tuple(argv)
         self.env = dict(env)
@@ -68,7 +69,7 @@ class ChildProcess:
         self._registry = registry
         self._fields = dict(log_fields or {})
         self._on_line = on_line
-        self._quiet = quiet
+        self._levels = levels or logs.engine_line_level
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -179,9 +180,10 @@ class ChildProcess:
             if self._on_line is not None:  # the owner parses and logs this output itself
                 self._on_line(line)
                 continue
-            if self._quiet is not None and self._quiet(line):
+            stated = self._levels(line, level)
+            if stated is None:
                 continue
-            level = logs.engine_line_level(line, level)
+            level = stated
             _log.log(logs.level_number(level), "output", line=line, **fields)
 
     def _record_file(self) -> Path | None:

@@ -125,6 +125,18 @@ class UvicornAccessLog(AbstractAccessLogger):
               f"{response.status} {response.reason}", flush=True)
 
 
+def log_output_handler_death() -> None:
+    """What vLLM 0.32 logs on every requested stop: its engine client stops EngineCore before
+    the output handler task, which then fails on the dead engine."""
+    src = "async_llm.py:906"
+    vlog("ERROR", "AsyncLLM output_handler failed.", src)
+    vlog("ERROR", "Traceback (most recent call last):", src)
+    vlog("ERROR", '  File "vllm/v1/engine/async_llm.py", line 849, in output_handler', src)
+    vlog("ERROR", "    outputs = await engine_core.get_output_async()", src)
+    vlog("ERROR", "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+         "See stack trace (above) for the root cause.", src)
+
+
 def vlog(level: str, message: str, src: str = "api_server.py:1") -> None:
     """A vLLM-style log line: ``(APIServer pid=N) INFO 11-25 22:46:37 [src] message``."""
     stamp = time.strftime("%m-%d %H:%M:%S")
@@ -233,6 +245,8 @@ class ApiServer:
             server.close()  # SIGTERM: stop listening at once, then drain or abort
             await self._drain_or_abort()
         await self._stop_core()
+        if not self.st.dead:
+            log_output_handler_death()
         await runner.cleanup()
         vlog("INFO", "Shutting down")
         vlog("INFO", "Application shutdown complete.")

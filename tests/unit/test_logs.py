@@ -75,7 +75,8 @@ def emit() -> None:
 
 def test_console_format_reads_as_sentences(monkeypatch: pytest.MonkeyPatch) -> None:
     first, ready, probe = lines = emitted("console", monkeypatch)
-    assert first.endswith(f" info  gpu0/tiny-0 | {VLLM_ERROR}")
+    # the level is the caller's (mapped from the line); vLLM's own stamp and source are dropped
+    assert first.endswith(" info  gpu0/tiny-0 | EngineCore: EngineCore encountered a fatal error.")
     assert ready.endswith(" info  ready: 2/2 engines - try: curl -s localhost:8000/v1/models  "
                           "engines=2")
     assert probe.endswith(" warn  health_probe_failed  engine=gpu0/tiny-1 failures=1")
@@ -93,3 +94,17 @@ def test_json_format_keeps_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
     first, ready, _ = (json.loads(line) for line in emitted("json", monkeypatch))
     assert first["event"] == "output" and first["line"] == VLLM_ERROR and first["pid"] == 7
     assert ready["event"] == "mpsd_ready" and ready["msg"].startswith("ready: 2/2")
+
+
+def test_engine_output_demotes_the_stop_traceback_only_during_a_stop() -> None:
+    stopping = False
+    levels = logs.EngineOutput("gpu0/e-0", {"/health"}, lambda: stopping)
+    src = "(APIServer pid=7) ERROR 12-04 16:17:53 [async_llm.py:906] "
+    block = [src + "AsyncLLM output_handler failed.", src + "Traceback (most recent call last):",
+             src + "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
+    after = "(APIServer pid=7) INFO 12-04 16:17:53 [launcher.py:279] engine client stopped"
+    assert [levels(line, "info") for line in [*block, after]] == ["error"] * 3 + ["info"]
+    stopping = True
+    assert [levels(line, "info") for line in [*block, after]] == ["debug"] * 3 + ["info"]
+    assert levels(src + "something else failed", "info") == "error"
+    assert levels('INFO:     127.0.0.1:1 - "GET /health HTTP/1.1" 200 OK', "info") is None
