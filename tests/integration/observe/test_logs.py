@@ -63,18 +63,14 @@ def test_start_up_says_each_phase_and_ends_with_a_request_to_try(mpsd: Mpsd) -> 
 
 def test_a_requested_stop_logs_no_engine_error(mpsd: Mpsd) -> None:
     """vLLM logs an EngineDeadError traceback on every orderly stop (the fake does the same):
-    at a stop mpsd asked for it is debug, not error; a crash's stays an error."""
+    at a stop mpsd asked for it is debug, not error (the same lines at any other time stay
+    errors: tests/unit/test_logs.py)."""
     mpsd.mps = "off"
     mpsd.start()
     mpsd.wait_state("gpu0", "running")
-    mpsd.control(mpsd.engine_ports()[0], "crash")
-    mpsd.wait_log("engine_restart", engine="gpu0/tiny-0")
-    mpsd.wait_log("engine_ready", engine="gpu0/tiny-0", count=2)
-    crashed = len(mpsd.log())
-    assert [e for e in mpsd.events("output") if e["level"] == "error"
-            and "EngineDeadError" in str(e["line"])]  # the crash's
+    running = len(mpsd.log())
     assert mpsd.terminate() == 0
-    stop = mpsd.log()[crashed:]
+    stop = mpsd.log()[running:]
     outputs = [e for e in stop if e.get("event") == "output"]
     assert [e for e in outputs if "EngineDeadError" in str(e["line"])]  # vLLM did log it
     assert not [e for e in outputs if e["level"] in ("error", "warning")]
