@@ -9,6 +9,7 @@ request for ``proxy.unready_grace_s``, the time a balancer's checks need to noti
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -16,7 +17,12 @@ import threading
 from datetime import datetime
 from typing import Any
 
-from tests.harness import Mpsd, http, wait_until
+import aiohttp
+
+from mpsd.config import ProxyConfig
+from mpsd.proxy.server import ProxyServer
+from tests.harness import Mpsd, free_ports, http, wait_until
+from tests.proxy_helpers import Recorder, make_pool
 
 COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
 
@@ -129,3 +135,37 @@ def test_drain_needs_a_gpu_or_all(mpsd: Mpsd) -> None:
         result = cli(mpsd, *args)
         assert result.returncode == 2
         assert "give a GPU or --all" in result.stderr
+
+
+def test_livez_says_what_the_daemon_says_and_readiness_turns_off_on_its_own() -> None:
+    """In process: ``/livez`` asks the daemon's liveness; ``set_ready(False)`` makes
+    ``/health`` 503 while the pool still has a routable engine."""
+    alive = [True]
+
+    async def main() -> list[tuple[int, int]]:
+        pool = make_pool({"gpu0/a": "http://127.0.0.1:9"})
+        config = ProxyConfig(listen=f"127.0.0.1:{free_ports(1)[0]}")
+        server = ProxyServer(config, pool, dict, Recorder(), alive=lambda: alive[0])
+        await server.start()
+        seen: list[tuple[int, int]] = []
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def codes() -> tuple[int, int]:
+                    out = []
+                    for path in ("/health", "/livez"):
+                        async with session.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                            out.append(r.status)
+                    return out[0], out[1]
+
+                seen.append(await codes())
+                server.set_ready(False)
+                seen.append(await codes())
+                alive[0] = False
+                seen.append(await codes())
+                server.set_ready(True)
+                seen.append(await codes())
+        finally:
+            await server.stop(1.0)
+        return seen
+
+    assert asyncio.run(main()) == [(200, 200), (503, 200), (503, 503), (200, 503)]
