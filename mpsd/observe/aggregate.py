@@ -11,15 +11,17 @@ kept as ``vllm_engine``) left as the engine had it; the per-engine series move t
 How a family is combined:
 
 * counters and histograms (buckets, ``_count``, ``_sum``): summed — a node's tokens and
-  requests are its engines' tokens and requests. An engine that restarts or is not scraped
-  makes the sum drop, which Prometheus reads as a counter reset (per-engine rates:
-  ``/metrics/engines``);
+  requests are its engines' tokens and requests — and kept monotonic, as Prometheus requires
+  of a counter: an engine that restarts (its counters start again at 0) adds its previous
+  total to an offset, and one that is not scraped in a round (stopped, restarting, timed out)
+  counts with its last value, so a node counter never goes down and ``rate()`` stays right;
 * gauges: summed (requests running, waiting, swapped), except fractions — names ending in
   ``_perc``, ``_ratio`` or ``_rate`` (KV-cache usage, hit rates) — which are averaged over the
   engines that report them, and ``*_info`` families, whose value is always 1 and whose label
   sets are kept once each.
 
-Pure functions over parsed families: the poller runs them on a worker thread once per round.
+:class:`NodeAggregator` keeps that memory between rounds; the poller runs it on a worker thread,
+one round at a time.
 """
 
 from __future__ import annotations
@@ -36,37 +38,98 @@ _FRACTION_SUFFIXES = ("_perc", "_ratio", "_rate")
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
+_MONOTONIC_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
 def combine_mode(family: Metric) -> str:
-    """``sum``, ``mean`` or ``one`` (info families) for a family of the given name and type."""
+    """``monotonic`` (counters, histograms), ``sum``, ``mean`` or ``one`` (info families)."""
     if family.type == "info" or family.name.endswith("_info"):
         return "one"
+    if family.type in _MONOTONIC_TYPES:
+        return "monotonic"
     if family.type == "gauge" and family.name.endswith(_FRACTION_SUFFIXES):
         return "mean"
     return "sum"
 
 
-def node_families(merged: Iterable[Metric]) -> tuple[Metric, ...]:
-    """One node-level family per merged (per-engine) family, without engine labels."""
-    return tuple(_combine(family) for family in merged)
+class _Counter:
+    """One engine's sample of a monotonic family: its last value and its resets so far."""
+
+    __slots__ = ("last", "offset")
+
+    def __init__(self, value: float) -> None:
+        self.last, self.offset = value, 0.0
+
+    def see(self, value: float) -> None:
+        if value < self.last:  # the engine started again from 0
+            self.offset += self.last
+        self.last = value
 
 
-def _combine(family: Metric) -> Metric:
-    mode = combine_mode(family)
+class NodeAggregator:
+    """The engines' merged families → node-level families (see the module doc)."""
+
+    def __init__(self) -> None:
+        # monotonic families: name → a template (help, type, unit) and (engine, sample) state
+        self._templates: dict[str, Metric] = {}
+        self._counters: dict[str, dict[tuple[str, _Key], _Counter]] = {}
+
+    def families(self, merged: Iterable[Metric]) -> tuple[Metric, ...]:
+        """One node-level family per family any engine ever had a counter in, or has now."""
+        out: dict[str, Metric] = {}
+        for family in merged:
+            mode = combine_mode(family)
+            if mode == "monotonic":
+                self._remember(family)
+            else:
+                out[family.name] = _combine(family, mode)
+        for name in self._counters:
+            out[name] = self._monotonic(name)
+        return tuple(out.values())
+
+    def _remember(self, family: Metric) -> None:
+        self._templates[family.name] = family
+        counters = self._counters.setdefault(family.name, {})
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            key = (sample.labels.get("engine", ""), _node_key(sample))
+            counter = counters.get(key)
+            if counter is None:
+                counters[key] = _Counter(sample.value)
+            else:
+                counter.see(sample.value)
+
+    def _monotonic(self, name: str) -> Metric:
+        template = self._templates[name]
+        totals: dict[_Key, float] = {}
+        for (_, key), counter in self._counters[name].items():
+            totals[key] = totals.get(key, 0.0) + counter.offset + counter.last
+        return _family(template, totals)
+
+
+def _node_key(sample: Sample) -> _Key:
+    return sample.name, tuple(sorted((k, v) for k, v in sample.labels.items()
+                                     if k not in ENGINE_LABELS))
+
+
+def _family(template: Metric, values: dict[_Key, float]) -> Metric:
+    out = Metric(template.name, template.documentation, template.type, template.unit)
+    for (name, labels), value in values.items():
+        out.samples.append(Sample(name, dict(labels), value))
+    return out
+
+
+def _combine(family: Metric, mode: str) -> Metric:
+    """A gauge family across engines: summed, averaged, or (info) each label set once."""
     totals: dict[_Key, float] = {}
     counts: dict[_Key, int] = {}
     for sample in family.samples:
         if sample.name.endswith("_created"):
             continue  # a creation time: no sum of those means anything
-        labels = tuple(sorted((k, v) for k, v in sample.labels.items()
-                              if k not in ENGINE_LABELS))
-        key = (sample.name, labels)
-        if mode == "one":
-            totals[key] = sample.value
-        else:
-            totals[key] = totals.get(key, 0.0) + sample.value
+        key = _node_key(sample)
+        totals[key] = sample.value if mode == "one" else totals.get(key, 0.0) + sample.value
         counts[key] = counts.get(key, 0) + 1
-    out = Metric(family.name, family.documentation, family.type, family.unit)
-    for (name, labels), total in totals.items():
-        value = total / counts[(name, labels)] if mode == "mean" else total
-        out.samples.append(Sample(name, dict(labels), value))
-    return out
+    if mode == "mean":
+        totals = {key: total / counts[key] for key, total in totals.items()}
+    return _family(family, totals)

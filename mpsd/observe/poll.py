@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mpsd import logs
 from mpsd.errors import MpsCommandError
 from mpsd.host.nvml import GpuSample
-from mpsd.observe.aggregate import node_families
+from mpsd.observe.aggregate import NodeAggregator
 from mpsd.pool import BackendPool
 
 _log = logs.get("mpsd.metrics")
@@ -176,11 +176,12 @@ def render_families(families: tuple[Metric, ...]) -> bytes:
     return generate_latest(registry)
 
 
-def merge_and_render(per_engine: list[list[Metric]]) -> tuple[tuple[Metric, ...], bytes, bytes]:
+def merge_and_render(per_engine: list[list[Metric]], node: NodeAggregator,
+                     ) -> tuple[tuple[Metric, ...], bytes, bytes]:
     """Merged families, their exposition text and their node-level aggregates' text
-    (CPU-bound: run on a worker thread)."""
+    (CPU-bound: run on a worker thread, one round at a time: ``node`` keeps state)."""
     families = merge_families(per_engine)
-    return families, render_families(families), render_families(node_families(families))
+    return families, render_families(families), render_families(node.families(families))
 
 
 async def fetch_metrics(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str:
@@ -210,6 +211,7 @@ class Poller:
         self._scrape_timeout_s = scrape_timeout_s
         self.snapshot = Snapshot()
         self.rounds = 0
+        self._node = NodeAggregator()
 
     async def collect_once(self, groups: Iterable[GroupLike],
                            session: aiohttp.ClientSession) -> Snapshot:
@@ -240,7 +242,8 @@ class Poller:
                     tg.start_soon(scrape, backend.gpu, backend.key,
                                   backend.base_url.rstrip("/") + "/metrics")
         ok = [families for families in scraped.values() if families is not None]
-        families, text, node_text = await anyio.to_thread.run_sync(merge_and_render, ok)
+        families, text, node_text = await anyio.to_thread.run_sync(merge_and_render, ok,
+                                                                   self._node)
         self.snapshot = Snapshot(
             mps=mps, gpus=gpus, scrape_up={k: v is not None for k, v in scraped.items()},
             engine_families=families, engine_text=text, node_text=node_text,

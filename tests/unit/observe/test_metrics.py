@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 from mpsd.config import MpsConfig, RestartConfig, parse_config
 from mpsd.errors import MpsCommandError
 from mpsd.host.nvml import GpuInfo, GpuInventory, GpuSample
-from mpsd.observe.aggregate import combine_mode, node_families
+from mpsd.observe.aggregate import NodeAggregator, combine_mode
 from mpsd.observe.metrics import CONTENT_TYPE, Metrics, metrics_handler
 from mpsd.observe.poll import mps_status_code, parse_engine_metrics
 from mpsd.plan.build import HostFacts, Plan, build_plan
@@ -428,8 +428,9 @@ def test_metrics_carries_node_aggregates_under_vllm_names_without_engine_labels(
 
 @pytest.mark.parametrize(("name", "kind", "mode"), [
     ("vllm:num_requests_running", "gauge", "sum"), ("vllm:kv_cache_usage_perc", "gauge", "mean"),
-    ("vllm:prefix_cache_hit_rate", "gauge", "mean"), ("vllm:prompt_tokens", "counter", "sum"),
-    ("vllm:cache_config_info", "gauge", "one"), ("vllm:x_perc", "counter", "sum")])
+    ("vllm:prefix_cache_hit_rate", "gauge", "mean"),
+    ("vllm:prompt_tokens", "counter", "monotonic"), ("vllm:e2e", "histogram", "monotonic"),
+    ("vllm:cache_config_info", "gauge", "one"), ("vllm:x_perc", "counter", "monotonic")])
 def test_how_engine_families_combine_into_the_node(name: str, kind: str, mode: str) -> None:
     assert combine_mode(Metric(name, "", kind)) == mode
 
@@ -439,8 +440,35 @@ def test_info_families_keep_each_label_set_once() -> None:
     for engine in (E0, E1):
         info.samples.append(Sample("vllm:cache_config_info",
                                    {"engine": engine, "block_size": "16"}, 1.0))
-    (node,) = node_families([info])
+    (node,) = NodeAggregator().families([info])
     assert node.samples == [Sample("vllm:cache_config_info", {"block_size": "16"}, 1.0)]
+
+
+def engines_round(**values: tuple[float, float]) -> list[Metric]:
+    """One poll round: engine → (prompt tokens counter, requests running gauge)."""
+    tokens = Metric("vllm:prompt_tokens", "", "counter")
+    running = Metric("vllm:num_requests_running", "", "gauge")
+    for engine, (total, now) in values.items():
+        labels = {"gpu": "gpu0", "engine": engine, "model_name": MODEL}
+        tokens.samples.append(Sample("vllm:prompt_tokens_total", labels, total))
+        running.samples.append(Sample("vllm:num_requests_running", labels, now))
+    return [tokens, running] if values else []  # no engine scraped: no family at all
+
+
+def test_node_counters_never_go_down_when_an_engine_restarts_or_is_missing() -> None:
+    node = NodeAggregator()
+
+    def after(**values: tuple[float, float]) -> tuple[float, float | None]:
+        families = {f.name: f for f in node.families(engines_round(**values))}
+        (tokens,) = families["vllm:prompt_tokens"].samples
+        assert tokens.labels == {"model_name": MODEL}
+        running = families.get("vllm:num_requests_running")
+        return tokens.value, running.samples[0].value if running else None
+
+    assert after(a=(100, 3), b=(50, 2)) == (150, 5)
+    assert after(a=(120, 1)) == (170, 1)  # b not scraped: its tokens still count, its load not
+    assert after(a=(5, 1), b=(60, 0)) == (185, 1)  # a restarted: its 120 are kept
+    assert after() == (185, None)  # no engine scraped: the counter stays, the gauge is gone
 
 
 def test_parse_engine_metrics_keeps_engine_labels_under_another_name() -> None:
