@@ -223,6 +223,7 @@ async def run(file: str) -> ExitCode:
                                 observers=[metrics], on_status=notifier.status)
         proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics,
                             alive=lambda: daemon.alive())  # noqa: PLW0108 - made below
+        metrics.watch_readiness(proxy.ready)
         proxy.add_route("GET", "/metrics", metrics_handler(metrics.render))
         proxy.add_route("GET", "/metrics/engines", metrics_handler(metrics.render_engines))
         proxy.add_route("GET", "/mpsd/", status_page_handler)

@@ -83,6 +83,9 @@ class Metrics:
             "mpsd_time_to_first_byte_seconds",
             "Time until the first byte of the engine's response reached the proxy.",
             ["model"], buckets=TTFB_BUCKETS, registry=r)
+        self._ready = Gauge("mpsd_ready", "1 while /health (readiness) answers 200: an engine "
+                            "is routable and the node is not leaving a balancer's rotation.",
+                            registry=r)
         self._queue_wait = Histogram(
             "mpsd_queue_wait_seconds",
             "Time requests waited in the admission queue for a free engine slot.",
@@ -125,6 +128,10 @@ class Metrics:
         self._state_children: dict[str, dict[GroupState, Gauge]] = {}
         self._last_signal: dict[str, str] = {}
         self.last_recovery: dict[str, dict[str, float]] = {}
+
+    def watch_readiness(self, ready: Callable[[], bool]) -> None:
+        """Read ``mpsd_ready`` from ``ready`` (the proxy's readiness) at every scrape."""
+        self._ready.set_function(lambda: float(ready()))
 
     # -- RequestObserver (the proxy; per request, so O(1) and allocation-light) --------------
 

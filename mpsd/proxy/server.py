@@ -206,6 +206,11 @@ class ProxyServer:
         pool would give), requests in flight go on while the engines drain."""
         self._refusing = True
 
+    def ready(self) -> bool:
+        """Readiness, what ``/health`` answers: an engine is routable and the node is not
+        leaving the rotation."""
+        return self._ready and not self._refusing and self._pool.routable_count() > 0
+
     def set_ready(self, ready: bool) -> None:
         """Readiness for a load balancer: ``False`` turns ``/health`` 503 while every request
         is still served (SIGTERM and ``mpsd drain --all`` leave the rotation this way first,
@@ -386,10 +391,7 @@ class ProxyServer:
             conn.respond(200, body, keep_alive=request.keep_alive,
                          head_only=request.method == b"HEAD")
             return
-        if request.path == b"/livez":
-            ok = self._alive()
-        else:
-            ok = self._ready and not self._refusing and self._pool.routable_count() > 0
+        ok = self._alive() if request.path == b"/livez" else self.ready()
         conn.respond(200 if ok else 503, b"", keep_alive=request.keep_alive)
 
     def status(self) -> ProxyStatus:

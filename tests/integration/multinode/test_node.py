@@ -108,10 +108,12 @@ def test_drain_all_leaves_the_rotation_then_stops_every_gpu_and_stays_alive(
     assert [mpsd.group_state(g) for g in ("gpu0", "gpu1")] == ["stopped", "stopped"]
     assert (get(mpsd, "/health"), get(mpsd, "/livez")) == (503, 200)
     assert complete(mpsd) == 503  # the node is unavailable (a balancer retries), not 404
+    assert b"\nmpsd_ready 0.0\n" in http("GET", f"{mpsd.url}/metrics")[2]
     # a GPU started again makes the node ready again: the drain is not a latch
     assert cli(mpsd, "restart", "gpu1").returncode == 0
     mpsd.wait_state("gpu1", "running", after=1)
     wait_until(lambda: get(mpsd, "/health") == 200, 10, "ready again after a restart")
+    assert b"\nmpsd_ready 1.0\n" in http("GET", f"{mpsd.url}/metrics")[2]
     assert mpsd.terminate() == 0
 
 
