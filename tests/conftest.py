@@ -48,3 +48,5 @@ def mpsd(workdir: Path) -> Iterator[Mpsd]:
     daemon = Mpsd(workdir)
     yield daemon
     daemon.kill()
+    # every test that runs mpsd is part of the fault matrix: no group may try an illegal edge
+    assert not daemon.events("illegal_transition"), daemon.events("illegal_transition")

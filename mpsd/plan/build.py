@@ -82,6 +82,9 @@ class Plan:
     warnings: tuple[str, ...]
 
 
+PORTS_PER_GPU = 64  # more than the MPS clients a GPU takes (48, or 60 on CUDA > 13.0)
+
+
 def build_plan(config: Config, facts: HostFacts, file: str) -> Plan:
     """The whole plan; :class:`ConfigError` when the file cannot work on this host."""
     warnings: list[str] = []
@@ -89,10 +92,10 @@ def build_plan(config: Config, facts: HostFacts, file: str) -> Plan:
     infos = [_resolve_gpu(g, i, facts, file, warnings) for i, g in enumerate(config.gpu)]
     cores, proxy_cpus = assign_cpus(config, facts, infos, warnings)
     groups: list[GroupPlan] = []
-    port = config.daemon.engine_port_base
     used_ports = {config.proxy.port}
     for index, (gpu, info) in enumerate(zip(config.gpu, infos, strict=True)):
         key = gpu_key(gpu, index)
+        port = port_block(config.daemon.engine_port_base, gpu.device, index)
         group_dir = config.daemon.state_dir / key
         pipe_dir, log_dir = group_dir / "pipe", config.daemon.log_dir / key
         _check_gpu_capacity(gpu, index, info, config, file)
@@ -118,6 +121,13 @@ def build_plan(config: Config, facts: HostFacts, file: str) -> Plan:
                 ))
         groups.append(GroupPlan(key, gpu.device, uuid, mps_on, pipe_dir, log_dir, tuple(engines)))
     return Plan(tuple(groups), mps_on, reason, proxy_cpus, tuple(warnings))
+
+
+def port_block(base: int, device: str, position: int) -> int:
+    """The first automatic port of a GPU's engines: a block of :data:`PORTS_PER_GPU` per GPU
+    index (its position in the file for a UUID), so that adding, removing or resizing the
+    engines of one GPU never moves another GPU's ports (a moved port restarts the engine)."""
+    return base + PORTS_PER_GPU * (int(device) if device.isdigit() else position)
 
 
 def _mps_decision(config: Config, facts: HostFacts, file: str) -> tuple[bool, str]:

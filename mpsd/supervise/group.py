@@ -360,6 +360,8 @@ class GpuGroup:
             fault = await watch_engine(engine, self._router(engine))
             if engine.stopping:
                 return
+            _log.error("fault_detected", gpu=self.key, engine=engine.key, signal=fault.signal,
+                       reason=fault.reason, at=time.time())
             await engine.process.kill()
             fault = replace(fault, engine=engine.key)
             delay = self._count_restart(fault)

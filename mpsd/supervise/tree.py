@@ -4,9 +4,10 @@ vLLM's API server outlives its ``EngineCore`` by seconds (and answers 500 meanwh
 for the leader's exit, or for health probes, leaves a dead engine routable for that long. So once
 an engine is ready, each process of its process group (EngineCore, its workers, the resource
 tracker) gets a pidfd, which becomes readable the moment that process exits — no polling, no
-signal handler, one file descriptor per process. The group is re-scanned every ``rescan_s``; a
-process first seen there is watched from its second sighting on, so a short-lived helper that
-comes and goes between two scans is never mistaken for a dead engine. The leader is not watched
+signal handler, one file descriptor per process. The group is scanned at once, again
+:data:`SETTLE_S` later, then every ``rescan_s``; a process is watched from its second sighting
+on, so a short-lived helper that comes and goes between two scans is never mistaken for a dead
+engine. The leader is not watched
 here: its exit (with its code) is :meth:`ChildProcess.wait`'s to report.
 """
 
@@ -22,6 +23,7 @@ import anyio
 from mpsd import logs
 
 _log = logs.get("mpsd.tree")
+SETTLE_S = 0.1
 
 
 def group_pids(pgid: int) -> set[int]:
@@ -70,20 +72,22 @@ class TreeWatch:
         self._loop = asyncio.get_running_loop()
         self._dead = self._loop.create_future()
         try:
-            self.scan(first=True)
+            self.scan()
+            delay = min(SETTLE_S, self.rescan_s)
             while True:
-                with anyio.move_on_after(self.rescan_s):
+                with anyio.move_on_after(delay):
                     pid = await asyncio.shield(self._dead)
                     return pid, self._names.get(pid, "?")
-                self.scan(first=False)
+                self.scan()
+                delay = self.rescan_s
         finally:
             self.close()
 
-    def scan(self, *, first: bool) -> None:
-        """Watch what the group holds now (everything at once on the first scan)."""
+    def scan(self) -> None:
+        """Watch the processes of the group seen on this scan and the one before."""
         now = group_pids(self.pgid) - {self.pgid}
         fresh = now - set(self._fds)
-        adopt = fresh if first else fresh & self._seen_once
+        adopt = fresh & self._seen_once
         self._seen_once = fresh - adopt
         for pid in sorted(adopt):
             self._open(pid)

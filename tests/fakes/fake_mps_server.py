@@ -207,6 +207,8 @@ class Server:
         if self.clients.get(client.pid) is not client:
             return
         del self.clients[client.pid]
+        if not client.graceful:  # what the H200 printed 2 ms after a kill -9 of EngineCore
+            self.log(f"Client process {client.pid} disconnected")
         self.log("Server failed to recevie command with status 806, assuming client "
                  f"{client.tag} exit")
         self.log(f"Client {client.tag} exiting. "

@@ -43,6 +43,17 @@ def gpu(device: str = "0", **engine: Any) -> dict[str, Any]:
     return {"device": device, "engine": [{"model": "Qwen/Qwen2.5-0.5B-Instruct", **engine}]}
 
 
+def test_one_gpus_change_never_moves_another_gpus_ports() -> None:
+    """Scaling gpu0 from 3 engines to 1 leaves gpu1's ports (and so its engines) alone."""
+    def ports(replicas: int) -> list[list[int]]:
+        plan = build_plan(config(gpu("0", replicas=replicas, gpu_memory_utilization=0.3),
+                                 gpu("1", replicas=2, gpu_memory_utilization=0.3)), facts(), "f")
+        return [[e.port for e in g.engines] for g in plan.groups]
+
+    assert ports(3) == [[18100, 18101, 18102], [18164, 18165]]
+    assert ports(1) == [[18100], [18164, 18165]]
+
+
 def test_vllm_argv_env_and_ports() -> None:
     environ = {"PATH": "/usr/bin", "NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "1",
                "LISTEN_FDS": "1", "SECRET": "x", "LC_ALL": "C"}
