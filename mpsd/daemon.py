@@ -35,7 +35,7 @@ from mpsd.observe.systemd import Notifier
 from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
-from mpsd.supervise.group import GroupOptions
+from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.preflight import preflight
 from mpsd.supervise.process import reap_leftovers
 from mpsd.supervise.supervisor import Supervisor

@@ -15,51 +15,29 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
 from mpsd import logs
-from mpsd.config import MpsConfig, RestartConfig
 from mpsd.errors import HealthCheckFailed, MemberExited, MpsCommandError, SpawnError, StartupTimeout
 from mpsd.plan.build import EnginePlan, GroupPlan
 from mpsd.pool import Backend, BackendPool
 from mpsd.status import HistoryEntry
+from mpsd.supervise.contract import GroupObserver, GroupOptions
 from mpsd.supervise.engine import Engine
 from mpsd.supervise.faults import Fault, watch_engine, watch_mps
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.mps_log import MpsLogEvent, MpsLogKind
 from mpsd.supervise.recovery import kill_engines, recover_mps, stop_engine
+from mpsd.supervise.rolling import roll_engines
 from mpsd.supervise.states import GroupState, IllegalTransition, RestartBudget, can_transition
 
 _log = logs.get("mpsd.group")
 OnFault = Callable[[Fault], None]
-
-
-class GroupObserver(Protocol):
-    """The one way to hear about groups: a group tells the supervisor, which tells its own
-    observers (the metrics) the same three events. Each method must be cheap: it runs on the
-    event loop inside the state machine."""
-
-    def state_changed(self, group: GpuGroup, old: GroupState, new: GroupState) -> None: ...
-    def fault(self, group: GpuGroup, fault: Fault) -> None: ...
-    def recovered(self, group: GpuGroup, phase: str, seconds: float) -> None: ...
-
-
-@dataclass(frozen=True)
-class GroupOptions:
-    """Settings a group needs beyond its plan (all from the config's other sections)."""
-
-    mps: MpsConfig
-    restart: RestartConfig
-    drain_timeout_s: float
-    registry: Path | None
-    environ: Mapping[str, str]
 
 
 class GpuGroup:
@@ -94,6 +72,15 @@ class GpuGroup:
     @property
     def key(self) -> str:
         return self.plan.key
+
+    @property
+    def pool(self) -> BackendPool:
+        return self._pool
+
+    @property
+    def attempt(self) -> TaskGroup | None:
+        """The task group of the running attempt (engines started later join it)."""
+        return self._tg
 
     # -- commands from outside (supervisor, control API, NVML, proxy) --------------------
 
@@ -142,63 +129,8 @@ class GpuGroup:
         engine.condemn(signal, reason)
 
     async def reconfigure(self, plan: GroupPlan) -> tuple[bool, str]:
-        """Roll engine-level changes one engine at a time while the others keep serving.
-
-        Each removed or changed engine is stopped the safe way (drain → SIGTERM →
-        ``terminate_client`` → SIGKILL), then its replacement starts and must be ready before
-        the next one is touched. ``(False, _)`` when that is impossible (another GPU, MPS
-        switched, the group not RUNNING): then the caller restarts the whole group. The text
-        says what went wrong, empty when everything rolled in.
-        """
-        identity = ("device", "uuid", "mps", "pipe_dir", "log_dir")
-        if any(getattr(plan, a) != getattr(self.plan, a) for a in identity):
-            return False, ""
-        if self.state is not GroupState.RUNNING or self._tg is None:
-            return False, ""
-        old = {e.key: e for e in self.plan.engines}
-        new = {e.key: e for e in plan.engines}
-        self.plan = plan
-        problems: list[str] = []
-        for key in [k for k in old if old[k] != new.get(k)]:
-            engine = self.engines.pop(key, None)
-            if engine is not None:
-                await self._stop_engine(engine)
-            self._pool.remove(key)
-            _log.info("engine_rolled_out", gpu=self.key, engine=key)
-            if key in new:
-                problems += await self._roll_in(new[key])
-        for engine_plan in plan.engines:
-            if engine_plan.key not in old:
-                problems += await self._roll_in(engine_plan)
-        self._set_reason(self._ready_reason("; ".join(problems)))
-        return True, "; ".join(problems)
-
-    async def _roll_in(self, plan: EnginePlan) -> list[str]:
-        """Start one engine of a reconfigured, running group; what went wrong, if anything.
-
-        A new engine that fails to start is its own problem, not its serving siblings': it is
-        killed and left out. Every step is bounded (``startup_timeout_s``).
-        """
-        tg = self._tg
-        if tg is None or self.state is not GroupState.RUNNING:
-            return [f"{plan.key} not started: {self.key} is {self.state} ({self.reason})"]
-        self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
-        failed: list[Fault] = []
-        engine = await self._start_engine(plan, self.mps, failed.append)
-        if engine is None:
-            why = failed[0].reason if failed else "stopped while starting"
-            await self._drop_engine(plan.key, why)
-            return [f"reload: {plan.key} failed to start ({why}); the others serve"]
-        self._watch(tg, engine)
-        _log.info("engine_rolled_in", gpu=self.key, engine=plan.key)
-        return []
-
-    async def _drop_engine(self, key: str, reason: str) -> None:
-        engine = self.engines.pop(key, None)
-        if engine is not None:
-            await engine.process.kill()
-        self._pool.remove(key)
-        _log.error("engine_roll_in_failed", gpu=self.key, engine=key, reason=reason)
+        """Roll engine-level changes one engine at a time (:func:`roll_engines`)."""
+        return await roll_engines(self, plan)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -253,17 +185,13 @@ class GpuGroup:
         if fault.engine:
             entry["engine"] = fault.engine
         self.history.append(entry)
-        now = time.monotonic()
-        self.budget.record(now)
-        crash = fault.fatal or self.budget.exhausted(now)
-        if not (crash and fault.engine):  # an engine's crash loop is counted as the group's
+        delay = self.budget.next_start(time.monotonic(), fault.fatal, self._rng)
+        if delay is not None or not fault.engine:  # an engine's crash loop is the group's
             self._observer.fault(self, fault)
-        return None if crash else self.budget.backoff(now, self._rng)
+        return delay
 
     def _crash_loop(self, fault: Fault) -> Fault:
-        now = time.monotonic()
-        return Fault(fault.signal, f"crash loop ({self.budget.count(now)} restarts in "
-                                   f"{self.budget.window_s:g} s): {fault.reason}", fatal=True)
+        return Fault(fault.signal, self.budget.crash_loop(time.monotonic(), fault.reason), True)
 
     async def _fail(self, fault: Fault) -> None:
         """FAILED with the fault's reason, until ``restart()`` or ``stop()``."""
@@ -302,18 +230,18 @@ class GpuGroup:
         t0 = time.monotonic()
         mps = await self._ensure_mps(tg, on_fault) if self.plan.mps else None
         for plan in self.plan.engines:
-            engine = await self._start_engine(plan, mps, on_fault)
+            engine = await self.start_engine(plan, mps, on_fault)
             if engine is None:
                 return
-            self._watch(tg, engine)
+            self.watch(tg, engine)
         if self._recovering_since is not None:
             self._observer.recovered(self, "engine", time.monotonic() - t0)
             self._recovering_since = None
         self._ever_ready = True
-        self._set_state(GroupState.RUNNING, self._ready_reason())
+        self._set_state(GroupState.RUNNING, self.ready_reason())
         tg.start_soon(self._forgive_when_stable)
 
-    async def _start_engine(self, plan: EnginePlan, mps: MpsDaemon | None,
+    async def start_engine(self, plan: EnginePlan, mps: MpsDaemon | None,
                             on_fault: OnFault) -> Engine | None:
         """Start one engine and wait until it is ready; None after reporting a fault."""
         engine = Engine(plan, self._session, self.options.registry)
@@ -336,7 +264,7 @@ class GpuGroup:
         self._route(plan.key, True)
         return engine
 
-    def _watch(self, tg: TaskGroup, engine: Engine) -> None:
+    def watch(self, tg: TaskGroup, engine: Engine) -> None:
         """MPS on: any engine's fault is the group's. MPS off: the engine restarts alone."""
         if self.plan.mps:
             tg.start_soon(self._watch_mps_engine, engine)
@@ -371,7 +299,7 @@ class GpuGroup:
                                            engine=""))
                 return
             if self.state is GroupState.RUNNING:
-                self._set_reason(self._ready_reason(f"{engine.key} restarting: {fault.reason}"))
+                self.set_reason(self.ready_reason(f"{engine.key} restarting: {fault.reason}"))
             _log.warning("engine_restart", gpu=self.key, engine=engine.key, reason=fault.reason,
                          delay_s=round(delay, 2))
             await anyio.sleep(delay)
@@ -379,12 +307,12 @@ class GpuGroup:
             if self.engines.get(plan.key) is not engine:  # rolled out meanwhile
                 return
             assert self._on_fault is not None
-            restarted = await self._start_engine(plan, None, self._on_fault)
+            restarted = await self.start_engine(plan, None, self._on_fault)
             if restarted is None:
                 return
             engine = restarted
             if self.state is GroupState.RUNNING:  # back after a restart
-                self._set_reason(self._ready_reason())
+                self.set_reason(self.ready_reason())
 
     async def _ensure_mps(self, tg: TaskGroup, on_fault: OnFault) -> MpsDaemon:
         if self.mps is None or self.mps.pid is None:
@@ -425,7 +353,7 @@ class GpuGroup:
                 self.mps = None
             self._observer.recovered(self, "mps", time.monotonic() - t0)
 
-    async def _stop_engine(self, engine: Engine) -> None:
+    async def stop_engine(self, engine: Engine) -> None:
         await stop_engine(engine, self._pool, self.mps, self.options.drain_timeout_s)
 
     async def _shutdown(self) -> None:
@@ -433,7 +361,7 @@ class GpuGroup:
             self._set_state(GroupState.STOPPING, "stop requested")
             async with anyio.create_task_group() as tg:
                 for engine in self.engines.values():
-                    tg.start_soon(self._stop_engine, engine)
+                    tg.start_soon(self.stop_engine, engine)
             if self.mps is not None:
                 await self.mps.stop()
                 self.mps = None
@@ -455,7 +383,7 @@ class GpuGroup:
             return
         await self._wake.wait()
 
-    def _ready_reason(self, note: str = "") -> str:
+    def ready_reason(self, note: str = "") -> str:
         """``2/2 engines ready`` (what the pool routes to now), and what is wrong if any."""
         ready = sum(1 for b in self._pool.snapshot() if b["gpu"] == self.key and b["routable"])
         text = f"{ready}/{len(self.plan.engines)} engines ready"
@@ -466,7 +394,7 @@ class GpuGroup:
         if self._pool.get(key) is not None:
             self._pool.set_routable(key, routable)
 
-    def _set_reason(self, reason: str) -> None:
+    def set_reason(self, reason: str) -> None:
         self.reason = reason
         self._observer.state_changed(self, self.state, self.state)
 
@@ -474,7 +402,7 @@ class GpuGroup:
         """The one writer of ``state``; an edge the state machine lacks is a bug and raises."""
         old = self.state
         if new is old:
-            self._set_reason(reason)
+            self.set_reason(reason)
             return
         if not can_transition(old, new):
             _log.error("illegal_transition", gpu=self.key, **{"from": str(old)}, to=str(new),

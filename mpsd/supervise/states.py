@@ -93,6 +93,16 @@ class RestartBudget:
         self.backoff_initial_s = config.backoff_initial_s
         self.backoff_max_s = config.backoff_max_s
 
+    def next_start(self, now: float, fatal: bool, rng: random.Random) -> float | None:
+        """Count a restart at ``now``: the delay before the next start, or None when the fault
+        is ``fatal`` or this restart makes a crash loop."""
+        self.record(now)
+        return None if fatal or self.exhausted(now) else self.backoff(now, rng)
+
+    def crash_loop(self, now: float, reason: str) -> str:
+        """Why a group gave up: the restarts in the window, then the last fault's reason."""
+        return f"crash loop ({self.count(now)} restarts in {self.window_s:g} s): {reason}"
+
     def backoff(self, now: float, rng: random.Random) -> float:
         """Delay before the next start: exponential in the recent restarts, with jitter.
 

@@ -22,8 +22,9 @@ from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import GroupPlan, Plan
 from mpsd.pool import Backend, BackendPool
 from mpsd.status import BackendStatus, DaemonStatus, GroupStatus
+from mpsd.supervise.contract import GroupObserver, GroupOptions
 from mpsd.supervise.faults import Fault
-from mpsd.supervise.group import GpuGroup, GroupObserver, GroupOptions
+from mpsd.supervise.group import GpuGroup
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.xids import HARDWARE_XIDS, classify_xid
 

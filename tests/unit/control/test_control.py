@@ -35,7 +35,7 @@ from mpsd.plan.build import HostFacts, build_plan
 from mpsd.plan.cpus import cpu_list
 from mpsd.pool import BackendPool
 from mpsd.status import DaemonStatus, EngineStatus, GroupStatus
-from mpsd.supervise.group import GroupOptions
+from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor
 from tests.harness import REPO, free_ports, until

@@ -30,8 +30,8 @@ from mpsd.observe.metrics import CONTENT_TYPE, Metrics, metrics_handler
 from mpsd.observe.poll import mps_status_code, parse_engine_metrics
 from mpsd.plan.build import HostFacts, Plan, build_plan
 from mpsd.pool import Backend, BackendPool
+from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.faults import Fault
-from mpsd.supervise.group import GroupOptions
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.states import GroupState
 from mpsd.supervise.supervisor import Supervisor

@@ -31,7 +31,7 @@ from mpsd.host.nvml import GpuInfo, GpuInventory
 from mpsd.observe.status_page import status_page_handler
 from mpsd.plan.build import HostFacts, build_plan
 from mpsd.pool import BackendPool
-from mpsd.supervise.group import GroupOptions
+from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.supervisor import Supervisor
 from tests.http_server import serve
 
