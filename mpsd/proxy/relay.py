@@ -112,8 +112,9 @@ class Exchange:
         self.deadline = now + first_byte_timeout_s
         self.pool.awaiting.add(self)
         upstream.transport.write(data)
-        if rest:  # a large body, not joined to the head (see upstream_request)
-            upstream.transport.write(rest)
+        if rest:  # a large body, not joined to the head (see upstream_request); as a view, so
+            upstream.transport.write(memoryview(rest))  # what the socket does not take is
+            # copied into the transport's buffer once, not sliced into a new bytes first
 
     # -- engine -> client -------------------------------------------------------------------
 
