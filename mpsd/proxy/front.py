@@ -136,6 +136,10 @@ class FrontConnection(asyncio.Protocol):
             return
         self._process()
 
+    def use_limits(self, limits: Limits) -> None:
+        """A reloaded config: the next request is read under ``limits``."""
+        self._parser.limits = limits
+
     def attach(self, exchange: Relay) -> None:
         """``exchange`` relays the current response; it starts paused if the client is."""
         self.exchange = exchange

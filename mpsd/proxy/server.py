@@ -228,6 +228,8 @@ class ProxyServer:
             log.error("proxy_api_keys_kept", error=str(exc))
         self._config = config.model_copy(update={"listen": self._config.listen})
         self.limits = _limits(config)
+        for conn in self._conns:
+            conn.use_limits(self.limits)
         self._max_clients = _client_cap(config)
         self._upstreams.connect_timeout_s = config.connect_timeout_s
         self._upstreams.max_connections = config.max_connections

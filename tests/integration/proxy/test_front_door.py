@@ -131,6 +131,18 @@ class TestRefusals:
             assert status == 401 and json.loads(body)["error"]["type"] == "AuthenticationError"
             writer.close()
 
+    async def test_reloaded_limits_apply_to_open_connections(
+            self, engine: ScriptedEngine) -> None:
+        async with running_proxy(make_pool({"gpu0/a": engine.url})) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            five = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n"
+            writer.write(five)
+            assert (await read_response(reader))[0] == 200
+            proxy.apply(proxy._config.model_copy(update={"max_headers": 3}))
+            writer.write(five)
+            assert (await read_response(reader))[0] == 431
+            writer.close()
+
     async def test_connections_over_the_cap_are_refused_at_once(
             self, engine: ScriptedEngine) -> None:
         recorder = Recorder()
