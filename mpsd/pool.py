@@ -184,14 +184,15 @@ class BackendPool:
             del self._by_model[backend.model]
         self._all = list(self._backends.values())
 
-    def set_routable(self, key: str, routable: bool) -> None:
-        """The supervisor's readiness of ``key``, effective for the very next pick. A (re)started
-        engine that passed its checks starts with a clean slate: no ejection, no 5xx count."""
+    def set_routable(self, key: str, routable: bool, *, fresh: bool = False) -> None:
+        """The supervisor's readiness of ``key``, effective for the very next pick. A ``fresh``
+        (re)started engine that passed its checks starts with a clean slate: no ejection, no
+        5xx count; a probe that passes again does not overrule the proxy's ejection."""
         backend = self._backends.get(key)
         if backend is None:
             raise KeyError(key)
         backend.ready = routable
-        if routable:
+        if fresh:
             backend.ejected_until = 0.0
             backend.consecutive_5xx = backend.ejections_in_row = 0
         backend.routable = routable and not backend.ejected_until
@@ -219,7 +220,7 @@ class BackendPool:
             backend.ejections_in_row += 1
             span = min(self._eject_base_s * backend.ejections_in_row, self._eject_max_s)
             backend.ejected_until = max(backend.ejected_until, now + span)
-        if backend.routable or dead:
+        if backend.routable:  # counted when the proxy is what took it out of routing
             backend.ejections += 1
         backend.routable = False
         if dead and self.on_engine_fault is not None and backend.key in self._backends:
@@ -258,7 +259,7 @@ class BackendPool:
         """Eject (as dead) an engine with requests in flight that sent no byte for ``stall_s``:
         a hung engine whose ``/health`` may still answer."""
         for backend in self._all:
-            if backend.inflight == 0 or backend.active:
+            if backend.inflight == 0 or backend.active or not backend.quiet_since:
                 backend.active = False
                 backend.quiet_since = now
             elif stall_s and now - backend.quiet_since >= stall_s and backend.routable:

@@ -10,6 +10,7 @@ group does about it (the whole group or one engine) is :mod:`mpsd.supervise.grou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ async def watch_engine(engine: Engine, route: Callable[[bool], None]) -> Fault:
             if not found:
                 found.append(fault)
                 route(False)
+                _log.warning("engine_fault", gpu=engine.plan.gpu, engine=engine.key,
+                             signal=fault.signal, reason=fault.reason, at=time.time())
             tg.cancel_scope.cancel()
 
         async def leader() -> None:

@@ -261,7 +261,7 @@ class GpuGroup:
             await engine.process.kill()
             on_fault(Fault("startup", str(exc)))
             return None
-        self._route(plan.key, True)
+        self._route(plan.key, True, fresh=True)
         return engine
 
     def watch(self, tg: TaskGroup, engine: Engine) -> None:
@@ -389,10 +389,10 @@ class GpuGroup:
         text = f"{ready}/{len(self.plan.engines)} engines ready"
         return f"{text}; {note}" if note else text
 
-    def _route(self, key: str, routable: bool) -> None:
+    def _route(self, key: str, routable: bool, *, fresh: bool = False) -> None:
         """Routability of one of this group's engines (gone from the pool: nothing to do)."""
         if self._pool.get(key) is not None:
-            self._pool.set_routable(key, routable)
+            self._pool.set_routable(key, routable, fresh=fresh)
 
     def set_reason(self, reason: str) -> None:
         self.reason = reason

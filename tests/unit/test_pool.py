@@ -416,3 +416,60 @@ def _check_invariants(pool: BackendPool, holders: int) -> None:
     assert all(b.inflight >= 0 for b in pool.backends())
     # once the loop settled, every count is exactly one client inside its lease
     assert pool.inflight_total() == holders
+
+
+class TestEjection:
+    """Passive health: the proxy's word on an engine, kept apart from the supervisor's."""
+
+    def test_a_run_of_5xx_ejects_for_longer_each_time_until_a_good_answer(self) -> None:
+        pool = _pool("g0/a", "g0/b")
+        pool.configure(eject_after_errors=2, eject_base_s=10.0, eject_max_s=25.0)
+        a = pool.get("g0/a")
+        assert a is not None
+        assert not pool.answered_5xx(a, 0.0, 500)
+        assert pool.answered_5xx(a, 0.0, 500) and not a.routable and a.ejections == 1
+        pool.readmit(9.9)
+        assert not a.routable
+        pool.readmit(10.0)
+        assert a.routable
+        assert pool.answered_5xx(a, 11.0, 502)  # the streak goes on: ejected again at once,
+        assert a.ejected_until == 31.0  # for 2 x 10 s capped at 25
+        pool.readmit(36.0)
+        pool.answered_ok(a)
+        assert a.routable and a.consecutive_5xx == 0 and a.ejections_in_row == 0
+
+    def test_the_last_routable_engine_of_a_model_is_never_ejected_for_5xx(self) -> None:
+        pool = _pool("g0/a")
+        pool.configure(eject_after_errors=1, eject_base_s=10.0, eject_max_s=10.0)
+        a = pool.get("g0/a")
+        assert a is not None
+        assert not pool.answered_5xx(a, 0.0, 500) and a.routable
+
+    def test_a_dead_engine_stays_out_until_its_group_restarted_it(self) -> None:
+        told: list[tuple[str, str]] = []
+        pool = _pool("g0/a", "g0/b")
+        pool.on_engine_fault = lambda b, signal, reason: told.append((b.key, signal))
+        a = pool.get("g0/a")
+        assert a is not None
+        pool.eject(a, 0.0, "engine_dead", "its EngineCore is dead", dead=True)
+        pool.readmit(1e9)
+        pool.set_routable("g0/a", True)  # a health probe passing is not enough
+        assert not a.routable and told == [("g0/a", "engine_dead")]
+        pool.set_routable("g0/a", True, fresh=True)
+        assert a.routable and a.ejections == 1
+
+    def test_a_stall_is_no_byte_for_stall_s_with_requests_in_flight(self) -> None:
+        told: list[str] = []
+        pool = _pool("g0/a")
+        pool.on_engine_fault = lambda b, signal, reason: told.append(signal)
+        a = pool.get("g0/a")
+        assert a is not None
+        a.inflight = 1
+        pool.check_stalls(100.0, 5.0)  # the clock starts at the first look
+        pool.check_stalls(103.0, 5.0)
+        a.active = True  # a byte arrived
+        pool.check_stalls(104.0, 5.0)
+        pool.check_stalls(108.0, 5.0)
+        assert a.routable and not told
+        pool.check_stalls(109.0, 5.0)
+        assert not a.routable and told == ["stall"]

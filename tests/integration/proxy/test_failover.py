@@ -137,7 +137,9 @@ async def test_ejection_ends_after_its_time_and_a_restarted_engine_starts_clean(
         pool.eject(a, 0.0, "engine_dead", "test", dead=True)
         await asyncio.sleep(1.2)  # a housekeeping round passes: a dead engine stays out
         assert not a.routable
-        pool.set_routable("gpu0/a", True)  # what its group does once it restarted it
+        pool.set_routable("gpu0/a", True)  # a probe passing again: still ejected
+        assert not a.routable
+        pool.set_routable("gpu0/a", True, fresh=True)  # its group restarted it
         assert a.routable and a.ejected_until == 0 and a.consecutive_5xx == 0
 
 

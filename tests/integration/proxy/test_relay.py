@@ -293,7 +293,7 @@ class TestRouting:
             dead_backend = pool.get("gpu0/dead")
             assert dead_backend is not None and dead_backend.connect_failures >= 1
             pool.set_routable("gpu1/b", False)
-            pool.set_routable("gpu0/dead", True)
+            pool.set_routable("gpu0/dead", True, fresh=True)  # its group restarted it
             status, headers, raw = await post(session, proxy, body())
             assert status == 503 and "no engine reachable" in error_of(raw)["message"]
         assert pool.inflight_total() == 0
