@@ -80,8 +80,9 @@ def engine_pid(m: GpuMpsd, key: str) -> int | None:
 
 
 def first_fault(m: GpuMpsd, t_kill: float) -> dict[str, Any] | None:
-    """mpsd's first reaction after the kill: a group fault or an engine restarting alone."""
-    seen = [e for name in ("fault_detected", "engine_restart")
+    """mpsd's first reaction after the kill: one engine's fault (unrouted in that tick), a group
+    fault, or an engine restarting alone."""
+    seen = [e for name in ("engine_fault", "fault_detected", "engine_restart")
             for e in m.events_after(t_kill - 0.2, name, gpu="gpu0")]
     return min(seen, key=epoch, default=None)
 

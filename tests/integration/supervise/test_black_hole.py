@@ -15,11 +15,12 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
 
-from tests.harness import Mpsd, wait_until
+from tests.harness import Mpsd, http, wait_until
 from tests.load import MixedLoad, engine_core, first_fault
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,3 +84,29 @@ def test_enginecore_kill_under_mixed_load_fails_only_what_was_in_flight_on_its_g
     assert numbers["failed"] <= numbers["in_flight_on_gpu0_at_kill"], numbers
     assert numbers["failed_on_gpu1"] == 0, numbers
     assert not mpsd.events("illegal_transition") and not mpsd.events("group_error")
+
+
+def test_a_hung_engine_is_unrouted_at_its_first_failed_probe_long_before_its_fault(
+        mpsd: Mpsd) -> None:
+    """MPS off, ``health_failures = 4``: a hung engine (every request and ``/health`` hang) is
+    out of routing after one probe times out (the timeout follows ``health_interval_s``), its
+    sibling takes every request meanwhile, and only the fourth failure restarts it."""
+    mpsd.mps = "off"
+    mpsd.overrides = {"defaults": {"health_interval_s": 0.5, "health_failures": 4}}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    hung, sibling = mpsd.engine_ports()
+    t_hang = time.time()
+    mpsd.control(hung, "hang")
+    first = mpsd.wait_log("health_probe_failed", engine="gpu0/tiny-0", timeout=10)[0]
+    ready = {e["port"]: e["ready"] for e in mpsd.status()["groups"][0]["engines"]}
+    assert ready == {hung: False, sibling: True} and not mpsd.events("fault_detected")
+    code, headers, _ = http("POST", f"{mpsd.url}/v1/completions",
+                            {"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=5)
+    assert code == 200 and headers["x-fake-engine"] == str(sibling)
+    fault = mpsd.wait_log("fault_detected", gpu="gpu0", timeout=20)[0]
+    assert fault["signal"] == "health" and fault["engine"] == "gpu0/tiny-0"
+    unrouted = datetime.fromisoformat(first["timestamp"]).timestamp() - t_hang
+    print(f"\nhung engine: unrouted after {unrouted:.1f} s, restarted after "
+          f"{fault['at'] - t_hang:.1f} s")
+    assert unrouted < fault["at"] - t_hang
