@@ -82,6 +82,9 @@ class Daemon:
                                      held_ports=self.supervisor.held_ports())
             except ConfigError as exc:
                 problems = [str(exc)]
+            except Exception as exc:  # reading the host's facts failed: keep what runs
+                _log.exception("reload_check_failed")
+                problems = [f"could not check the new config: {exc!r}"]
             if problems:
                 _log.error("reload_rejected", error="; ".join(problems))
                 self.notifier.ready(f"reload failed, old config kept: {problems[0]}")

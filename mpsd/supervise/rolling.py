@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mpsd import logs
+from mpsd.errors import SpawnError
 from mpsd.plan.build import EnginePlan, GroupPlan
 from mpsd.pool import Backend
 from mpsd.supervise.faults import Fault
@@ -61,7 +62,11 @@ async def _roll_in(group: GpuGroup, plan: EnginePlan) -> list[str]:
         return [f"{plan.key} not started: {group.key} is {group.state} ({group.reason})"]
     group.pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
     failed: list[Fault] = []
-    engine = await group.start_engine(plan, group.mps, failed.append)
+    try:
+        engine = await group.start_engine(plan, group.mps, failed.append)
+    except SpawnError as exc:  # its executable went away since the reload's preflight
+        failed.append(Fault("spawn", str(exc)))
+        engine = None
     if engine is None:
         why = failed[0].reason if failed else "stopped while starting"
         dropped = group.engines.pop(plan.key, None)
