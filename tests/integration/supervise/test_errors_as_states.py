@@ -57,23 +57,23 @@ def test_reload_with_a_typo_in_an_executable_is_refused_before_anything_stops(m2
 
 def test_a_rolled_in_engine_that_never_gets_ready_ends_the_reload_with_its_reason(
         mpsd: Mpsd) -> None:
-    """MPS off: scaling up to an engine that stays loading past ``startup_timeout_s``. The
+    """MPS off: a reload adds an engine that stays loading past its ``startup_timeout_s``. The
     reload ends (no lock held for ever), says why, the two old engines serve on, and the next
     reload is accepted."""
     mpsd.mps = "off"
-    third = mpsd.engine_port_base + 2
-    mpsd.engine_env = {f"FAKE_ENGINE_START_DELAY_S_PORT_{third}": "60"}
-    mpsd.overrides = {"defaults": {"startup_timeout_s": 4}}
+    late = mpsd.engine_port_base + 2  # the next port of gpu0's block
+    mpsd.engine_env = {f"FAKE_ENGINE_START_DELAY_S_PORT_{late}": "60"}
     mpsd.start()
     mpsd.wait_state("gpu0", "running")
     doc = mpsd.config()
-    doc["gpu"][0]["engine"][0]["replicas"] = 3
+    engines = doc["gpu"][0]["engine"]
+    engines.append({**engines[0], "name": "late", "replicas": 1, "startup_timeout_s": 4})
     out = reload(mpsd, doc)
     assert out.returncode != 0
-    assert "gpu0/tiny-2 failed to start" in out.stderr and "not ready after 4s" in out.stderr
+    assert "gpu0/late-0 failed to start" in out.stderr and "not ready after 4s" in out.stderr
     assert "previous config keeps running" not in out.stderr  # it was applied, in part
     assert serves(mpsd) and mpsd.status()["groups"][0]["state"] == "running"
-    doc["gpu"][0]["engine"][0]["replicas"] = 2
+    engines.pop()
     assert reload(mpsd, doc).returncode == 0
     assert mpsd.terminate() == 0
 
@@ -85,8 +85,10 @@ def test_an_engine_slower_than_its_startup_timeout_is_a_fault_never_a_crash(
     mpsd.gpus = 2
     base = mpsd.engine_port_base
     mpsd.engine_env = {f"FAKE_ENGINE_START_DELAY_S_PORT_{p}": "60" for p in (base, base + 1)}
-    mpsd.overrides = {"defaults": {"startup_timeout_s": 2},
-                      "restart": {"max_restarts": 1}}
+    mpsd.overrides = {"restart": {"max_restarts": 1}}
+    doc = mpsd.config()
+    doc["gpu"][0]["engine"][0]["startup_timeout_s"] = 2  # gpu1 keeps the harness's 15 s
+    mpsd.config = lambda: doc  # type: ignore[method-assign]
     mpsd.start()
     mpsd.wait_state("gpu1", "running")
     mpsd.wait_state("gpu0", "failed", timeout=60)
