@@ -3,7 +3,7 @@
 
 ::
 
-    benchmarks/fault_unroute.py [--kills 20] [--mps on|off] [--clients 16] [--json FILE]
+    benchmarks/fault_unroute.py [--kills 20] [--mps on|off] [--clients 16] [--json FILE] [--keep]
 
 Starts ``mpsd run`` with the fake MPS binary and fake engines (2 GPUs x 2 engines, as
 ``tests/integration/supervise/test_black_hole.py``), runs a mixed closed-loop load (half
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -55,7 +56,7 @@ def one_kill(m: Mpsd, load: MixedLoad, mps: str, clients: int) -> dict[str, Any]
             "in_flight": len(in_flight), "failed": len(failed)}
 
 
-def run(kills: int, mps: str, clients: int) -> list[dict[str, Any]]:
+def run(kills: int, mps: str, clients: int, keep: bool) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="mfu-"))
     m = Mpsd(workdir, gpus=2, mps=mps)
     m.engine_env = {"FAKE_ENGINE_TOKEN_DELAY_S": "0.005", "FAKE_ENGINE_DEAD_EXIT_S": "5"}
@@ -72,6 +73,10 @@ def run(kills: int, mps: str, clients: int) -> list[dict[str, Any]]:
                 print(json.dumps(results[-1]), flush=True)
     finally:
         m.kill()
+        if keep:
+            print(f"mpsd's log and the fakes' events: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
@@ -81,8 +86,9 @@ def main() -> int:
     parser.add_argument("--mps", choices=["on", "off"], default="off")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
-    results = run(args.kills, args.mps, args.clients)
+    results = run(args.kills, args.mps, args.clients, args.keep)
     times = sorted(r["kill_to_unrouted_ms"] for r in results)
     summary = {
         "mps": args.mps, "kills": len(results),
