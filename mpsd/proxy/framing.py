@@ -33,7 +33,14 @@ _METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b
 _ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]+")
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
-_KNOWN_NAMES: set[bytes] = set()  # header names already found to be tokens (bounded below)
+# every byte but the control bytes (HTAB allowed): deleted from a head, what is left must be
+# its CRLFs and nothing else (no other control byte, no bare CR or LF), in one C-level pass
+_PLAIN = bytes([0x09, *range(0x20, 0x7f), *range(0x80, 0x100)])
+# header names already found to be tokens, to their lower case (bounded below)
+_KNOWN_NAMES: dict[bytes, bytes] = {}
+# single bytes looked for as ints: on Python 3.11 ``b"#" in data`` first tries the needle as an
+# int and raises and clears a TypeError (~150 ns); ``35 in data`` is a plain memchr
+_TAB, _HASH, _DOT, _BACKSLASH = b"\t#.\\"
 MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions
 
 
@@ -87,10 +94,9 @@ class Request:
 
 def parse_head(head: bytes, limits: Limits = Limits()) -> Request:
     """Parse a request head (without the blank line); raise :class:`HttpError` if malformed."""
-    crlf = head.count(b"\r\n")
-    if head.count(b"\n") != crlf or head.count(b"\r") != crlf or _CTL.search(head):
-        raise HttpError(400, "bare CR or LF, or a control byte, in the request head")
     lines = head.split(b"\r\n")
+    if len(head.translate(None, _PLAIN)) != 2 * (len(lines) - 1):
+        raise HttpError(400, "bare CR or LF, or a control byte, in the request head")
     request = _request_line(lines[0], limits)
     if len(lines) - 1 > limits.max_headers:
         raise HttpError(431, f"more than {limits.max_headers} header lines")
@@ -103,9 +109,12 @@ def parse_head(head: bytes, limits: Limits = Limits()) -> Request:
             raise HttpError(431, f"a header line is longer than {limits.max_header_line_bytes} "
                                  "bytes")
         name, sep, value = line.partition(b":")
-        if not sep or (name not in _KNOWN_NAMES and not _is_token(name)):
-            raise HttpError(400, "malformed header line (the name must be a token, then ':')")
-        lname = name.lower()
+        lname = _KNOWN_NAMES.get(name)
+        if lname is None or not sep:
+            lname = _lower_name(name) if sep else None
+            if lname is None:
+                raise HttpError(400, "malformed header line (the name must be a token, then "
+                                     "':')")
         if lname not in _HOP_REQUEST:
             forward.append(line)
             if lname == b"authorization":
@@ -141,7 +150,7 @@ def _request_line(line: bytes, limits: Limits) -> Request:
                              "bytes")
     parts = line.split(b" ")
     # (control bytes other than HTAB were refused for the whole head already)
-    if (len(parts) != 3 or not parts[1] or b"\t" in parts[1]
+    if (len(parts) != 3 or not parts[1] or _TAB in parts[1]
             or (parts[0] not in _METHODS and not _TOKEN.fullmatch(parts[0]))):
         raise HttpError(400, "malformed request line")
     method, target, version = parts
@@ -158,19 +167,23 @@ def _request_line(line: bytes, limits: Limits) -> Request:
         target = target[authority.end():]
         target = target if target.startswith(b"/") else b"/" + target
     request = Request(method, target, http11)
-    if b"/.." in request.path or b"\\" in request.path or b"#" in target:
+    path = request.path
+    if (_DOT in path and path.find(b"/..") >= 0) or _BACKSLASH in path or _HASH in target:
         raise HttpError(400, "the request target must be an absolute path without '..'")
     return request
 
 
-def _is_token(name: bytes) -> bool:
-    if name in _KNOWN_NAMES:
-        return True
+def _lower_name(name: bytes) -> bytes | None:
+    """A header name in lower case; None if it is not a token."""
+    lname = _KNOWN_NAMES.get(name)
+    if lname is not None:
+        return lname
     if _TOKEN.fullmatch(name) is None:
-        return False
+        return None
+    lname = name.lower()
     if len(_KNOWN_NAMES) < 1024:  # clients send the same few names: remember them
-        _KNOWN_NAMES.add(name)
-    return True
+        _KNOWN_NAMES[name] = lname
+    return lname
 
 
 def _content_length(request: Request, value: bytes) -> None:
@@ -211,46 +224,53 @@ HOP_RESPONSE = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"content-length", b"proxy-authenticate",
 })
-_HOP_RESPONSE_RE = re.compile(rb"\r\n(?:connection|keep-alive|proxy-|te:|trailer|upgrade)")
+# The response header fields the proxy acts on, found by one C-level scan of a lower-cased head
+# (name, value); the hop-by-hop ones but transfer-encoding make the head rebuilt.
+_RESPONSE_FIELDS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade"
+    rb"|proxy-[^:\r]*):([^\r]*)")
 
 
 class ResponseHead:
     """What the proxy needs from an engine's response head, read without splitting it: the
-    relay forwards most heads verbatim, so the usual head costs a few ``find`` calls."""
+    relay forwards most heads verbatim, so the usual head costs one lower-casing and one scan."""
 
     __slots__ = ("chunked", "close", "hop_by_hop", "http11", "length", "sse", "status")
 
-    def __init__(self, head: bytes) -> None:
-        """Raise ``ValueError`` for a head that is not an HTTP/1.x response."""
+    def __init__(self, head: bytes, status: int) -> None:
+        """``status``: :func:`status_of` the head. Raise ``ValueError`` for a head that is not
+        an HTTP/1.x response."""
         lower = head.lower()
         if not lower.startswith(b"http/1."):
             raise ValueError(head[:20])
-        self.status = status_of(head)
-        self.http11 = lower.startswith(b"http/1.1 ")
-        self.close = not self.http11 or b"close" in _header(lower, b"\r\nconnection:")
-        self.sse = b"text/event-stream" in lower
-        length = _header(lower, b"\r\ncontent-length:")
-        if length and not (length.isdigit() and length.isascii()):
-            raise ValueError(length)
-        self.length = int(length) if length else None
-        self.chunked = _header(lower, b"\r\ntransfer-encoding:").endswith(b"chunked")
-        self.hop_by_hop = _HOP_RESPONSE_RE.search(lower) is not None
+        self.status = status
+        self.http11 = http11 = lower.startswith(b"http/1.1 ")
+        self.sse = lower.find(b"text/event-stream") >= 0  # (see _TAB)
+        length = coding = connection = None
+        hop_by_hop = False
+        for name, value in _RESPONSE_FIELDS.findall(lower):  # the first of each one counts
+            if name == b"content-length":
+                length = value if length is None else length
+            elif name == b"transfer-encoding":  # relayed as it is: not rebuilt for it
+                coding = value if coding is None else coding
+            else:
+                hop_by_hop = True
+                if name == b"connection" and connection is None:
+                    connection = value
+        self.close = not http11 or (connection is not None and connection.find(b"close") >= 0)
+        self.chunked = coding is not None and coding.strip().endswith(b"chunked")
+        self.hop_by_hop = hop_by_hop
+        self.length = None
+        if length is not None and (length := length.strip()):
+            if not (length.isdigit() and length.isascii()):
+                raise ValueError(length)
+            self.length = int(length)
 
 
 def status_of(head: bytes) -> int:
     """The status code of a response head; 0 if it has none."""
     code = head[9:12]
     return int(code) if len(code) == 3 and code.isdigit() and code.isascii() else 0
-
-
-def _header(lower: bytes, name: bytes) -> bytes:
-    """The (lower-cased, stripped) value of the first header ``name`` in a lower-cased head."""
-    at = lower.find(name)
-    if at < 0:
-        return b""
-    at += len(name)
-    end = lower.find(b"\r\n", at)
-    return lower[at:end if end >= 0 else len(lower)].strip()
 
 
 class FramingError(HttpError):
@@ -380,7 +400,7 @@ class ChunkedDecoder:
                                     f"({self.limits.max_trailers} fields, "
                                     f"{self.limits.max_trailer_bytes} bytes)")
         name, sep, _ = line.partition(b":")
-        if not sep or not _is_token(name) or _CTL.search(line) or b"\r" in line:
+        if not sep or _lower_name(name) is None or _CTL.search(line) or b"\r" in line:
             raise FramingError(400, "malformed trailer field")
 
 
@@ -403,27 +423,28 @@ class RequestParser:
     bodies are gathered as a list of slices, joined once.
     """
 
-    __slots__ = ("_decoder", "_parts", "_scanned", "head_bytes", "limits", "phase", "request")
+    __slots__ = ("_decoder", "_parts", "_scanned", "head_bytes", "limits", "phase", "request",
+                 "started")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.phase: Phase = _HEAD
         self.request: Request | None = None
         self._scanned = 0
+        # part of a request has arrived (a head is being read or a body awaited); an attribute,
+        # not a property: the connection asks on every read
+        self.started = False
         self.head_bytes = b""  # the last head as it came, without the blank line
         self._decoder: ChunkedDecoder | None = None
         self._parts: list[bytes] = []
 
-    @property
-    def started(self) -> bool:
-        """Part of a request has arrived (a head is being read or a body awaited)."""
-        return self.phase == _BODY or self._scanned > 0
-
     def head(self, buf: bytearray) -> Request | None:
         """The next request's head once it is complete (consumed from ``buf``), else None."""
-        end = buf.find(b"\r\n\r\n", max(self._scanned - 3, 0))
+        scanned = self._scanned
+        end = buf.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
         if end < 0:
             self._scanned = len(buf)
+            self.started = len(buf) > 0
             if len(buf) > self.limits.max_head_bytes:
                 raise HttpError(431, f"the request head is larger than "
                                      f"{self.limits.max_head_bytes} bytes")
@@ -441,6 +462,7 @@ class RequestParser:
         request = parse_head(self.head_bytes, self.limits)
         self.request = request
         self.phase = _BODY
+        self.started = True
         if request.chunked:
             self._decoder = ChunkedDecoder(self.limits, self.limits.max_body_bytes)
         return request
@@ -466,9 +488,14 @@ class RequestParser:
                                      "bytes")
             if len(buf) < n:
                 return False
-            with memoryview(buf) as view:  # one copy of a body that may be 32 MiB
-                request.body = bytes(view[:n])
-            del buf[:n]
+            if len(buf) == n:  # the usual read: this body and nothing after it
+                request.body = bytes(buf)
+                buf.clear()
+            else:
+                with memoryview(buf) as view:  # one copy of a body that may be 32 MiB
+                    request.body = bytes(view[:n])
+                del buf[:n]
         self.phase = _HEAD
+        self.started = False
         self.request = None
         return True

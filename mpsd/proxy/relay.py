@@ -235,7 +235,7 @@ class Exchange:
 
     def _client_head(self, head: bytes, status: int) -> bytes:
         """The head for the client; verbatim when the engine's has no hop-by-hop headers."""
-        parsed = ResponseHead(head)
+        parsed = ResponseHead(head, status)
         self.reusable = not parsed.close
         self.sse = parsed.sse
         length = parsed.length

@@ -6,7 +6,14 @@ import time
 
 import pytest
 
-from mpsd.proxy.framing import ChunkedDecoder, FramingError, Limits, chunk_size
+from mpsd.proxy.framing import (
+    ChunkedDecoder,
+    FramingError,
+    Limits,
+    ResponseHead,
+    chunk_size,
+    status_of,
+)
 
 DEFAULTS = Limits()
 BODY = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\n"
@@ -83,3 +90,39 @@ class TestChunkedDecoder:
         payload, end = decode(body, cuts=list(range(65536, len(body), 65536)))
         assert end == len(body) and len(payload) == 16 * 160_000
         assert time.perf_counter() - started < 5  # a bound, not a benchmark
+
+
+def response(head: bytes) -> ResponseHead:
+    return ResponseHead(head, status_of(head))
+
+
+class TestResponseHead:
+    """An engine's head, read by one scan: what makes the relay forward it verbatim or not."""
+
+    def test_a_plain_json_head_is_forwarded_verbatim(self) -> None:
+        head = response(b"HTTP/1.1 200 OK\r\ndate: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 12")
+        assert (head.status, head.http11, head.length, head.chunked) == (200, True, 12, False)
+        assert not head.close and not head.hop_by_hop and not head.sse
+
+    def test_a_chunked_stream_is_not_rebuilt_for_its_transfer_encoding(self) -> None:
+        head = response(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                        b"Transfer-Encoding:  Chunked ")
+        assert head.chunked and head.sse and not head.hop_by_hop and head.length is None
+
+    def test_hop_by_hop_fields_and_close(self) -> None:
+        for field in (b"Connection: close", b"Keep-Alive: timeout=5", b"TE: trailers",
+                      b"Trailer: x", b"Upgrade: h2c", b"Proxy-Authenticate: Basic"):
+            head = response(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + field)
+            assert head.hop_by_hop, field
+            assert head.close == field.startswith(b"Connection"), field
+        assert not response(b"HTTP/1.1 200 OK\r\nx-te: 1\r\nconnectionx: close").hop_by_hop
+        assert response(b"HTTP/1.0 200 OK\r\ncontent-length: 0").close
+
+    def test_the_first_content_length_counts_and_must_be_digits(self) -> None:
+        assert response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 7").length == 5
+        for bad in (b"+5", b"0x5", b"5 5", b"\xd9\xa3"):
+            with pytest.raises(ValueError):
+                response(b"HTTP/1.1 200 OK\r\ncontent-length: " + bad)
+        with pytest.raises(ValueError):
+            response(b"ICY 200 OK\r\ncontent-length: 1")
