@@ -42,7 +42,7 @@ def test_two_real_vllm_engines_serve_and_one_restarts_alone(workdir: Path) -> No
                              "VLLM_TARGET_DEVICE": "cpu"}},
         "engine": {"model": str(MODEL), "served_model_name": "tiny-qwen2",
                    "args": ["--load-format", "dummy", "--max-model-len", "2048",
-                            "--kv-cache-memory-bytes", "128M", "--dtype", "bfloat16",
+                            "--kv-cache-memory-bytes", "128M", "--dtype", "float32",
                             "--enforce-eager"]},
     }
     try:
