@@ -9,7 +9,6 @@ client saw a byte are served by another engine — within the retry budget.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,18 +21,7 @@ from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_pro
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 
-@pytest.fixture
-async def engines() -> AsyncIterator[list[ScriptedEngine]]:
-    started = [await ScriptedEngine(n).start() for n in ("a", "b", "c")]
-    yield started
-    for engine in started:
-        engine.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        yield client
+ENGINE_NAMES = ("a", "b", "c")
 
 
 def body(mode: str = "ok", **extra: Any) -> dict[str, Any]:

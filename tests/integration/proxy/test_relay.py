@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -23,20 +22,6 @@ from tests.harness import free_ports, until
 from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_proxy, sse_events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
-
-
-@pytest.fixture
-async def engines() -> AsyncIterator[list[ScriptedEngine]]:
-    started = [await ScriptedEngine("a").start(), await ScriptedEngine("b").start()]
-    yield started
-    for engine in started:
-        engine.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        yield client
 
 
 def body(mode: str = "ok", model: str = "tiny", **extra: Any) -> dict[str, Any]:
