@@ -326,8 +326,9 @@ class ChunkedDecoder:
         if out is None and self.state == _SIZE and not self._partial:
             # the hot path of a relayed stream: one read is exactly one chunk (an SSE event)
             nl = data.find(b"\r\n", 0, 18)
-            if nl > 0 and not data[:nl].translate(None, _HEXDIGITS):
-                size = int(data[:nl], 16)
+            line = data[:nl] if nl > 0 else b"-"  # (data[:-1] would copy a whole read)
+            if not line.translate(None, _HEXDIGITS):
+                size = int(line, 16)
                 if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
                     self.total += size
                     if self.total > self.max_body:

@@ -358,19 +358,21 @@ class ProxyServer:
             self._reply(conn, request, 400, "The request names no model, and mpsd serves "
                         f"several: {', '.join(self._pool.models())}.", param="model")
             return
-        if not self._pool.model_count():
+        loop = self._loop
+        try:
+            lease = self._pool.try_lease(model)
+        except UnknownModel as exc:
+            lease = None
+            if self._pool.model_count():
+                self._reply(conn, request, 404, str(exc), param="model")
+                self._observer.request_done(model, None, 404, 0.0, None)
+                return
+        if lease is None and not self._pool.model_count():  # (asked only when no lease)
             # no engine registered at all (starting, every GPU stopped or drained): the node
             # is unavailable, not the model unknown; a balancer retries a 503 elsewhere
             self._reply(conn, request, 503, "No engine is ready on this node; retry on another "
                         "host.", extra=b"retry-after: 5\r\n")
             self._observer.request_done(model, None, 503, 0.0, None)
-            return
-        loop = self._loop
-        try:
-            lease = self._pool.try_lease(model)
-        except UnknownModel as exc:
-            self._reply(conn, request, 404, str(exc), param="model")
-            self._observer.request_done(model, None, 404, 0.0, None)
             return
         if lease is not None:  # the hot path: a free engine and a warm connection, no task
             assert lease.backend is not None
