@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpsd.proxy.framing import Request
+    from mpsd.proxy.front import FrontConnection
 
 _TYPES = {
     400: "BadRequestError",
@@ -74,3 +79,10 @@ def reason(status: int) -> bytes:
 
 
 _REASONS: dict[int, bytes] = {}
+
+
+def reply(conn: FrontConnection, request: Request, status: int, message: str, *,
+          param: str | None = None, extra: bytes = b"", finish: bool = True) -> None:
+    """Answer ``request`` on ``conn`` with mpsd's own error (``extra``: whole header lines)."""
+    conn.respond(status, error_body(status, message, param), keep_alive=request.keep_alive,
+                 extra=extra, head_only=request.method == b"HEAD", finish=finish)
