@@ -42,6 +42,9 @@ _KNOWN_NAMES: dict[bytes, bytes] = {}
 # int and raises and clears a TypeError (~150 ns); ``35 in data`` is a plain memchr
 _TAB, _HASH, _DOT, _BACKSLASH = b"\t#.\\"
 MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions
+# plain chunk-size lines already read, to their size: an engine's SSE events come in a few sizes,
+# and a dict lookup is a third of checking and converting the hex digits (bounded below)
+_SIZE_LINES: dict[bytes, int] = {}
 
 
 class HttpError(Exception):
@@ -326,10 +329,14 @@ class ChunkedDecoder:
         if out is None and self.state == _SIZE and not self._partial:
             # the hot path of a relayed stream: one read is exactly one chunk (an SSE event)
             nl = data.find(b"\r\n", 0, 18)
-            line = data[:nl] if nl > 0 else b"-"  # (data[:-1] would copy a whole read)
-            if not line.translate(None, _HEXDIGITS):
-                size = int(line, 16)
-                if size and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
+            if nl > 0:
+                line = data[:nl]
+                size = _SIZE_LINES.get(line, -1)
+                if size < 0:
+                    size = chunk_size(line)
+                    if size > 0 and len(_SIZE_LINES) < 4096:
+                        _SIZE_LINES[line] = size
+                if size > 0 and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
                     self.total += size
                     if self.total > self.max_body:
                         raise FramingError(413, f"the body exceeds {self.max_body} bytes")

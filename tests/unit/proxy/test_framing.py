@@ -96,6 +96,28 @@ def response(head: bytes) -> ResponseHead:
     return ResponseHead(head, status_of(head))
 
 
+class TestRelayedReads:
+    """The engine side's reads, one chunk each (SSE events): sizes are remembered, not trusted."""
+
+    def test_one_chunk_per_read(self) -> None:
+        decoder = ChunkedDecoder(Limits(), 1 << 62)
+        for _ in range(2):  # the second time, the size lines are known
+            assert decoder.feed(b"3\r\nabc\r\n") == -1
+            assert decoder.feed(b"3;n=v\r\nabc\r\n") == -1
+        assert decoder.total == 12
+        assert decoder.feed(b"0\r\n\r\n") == 5
+
+    def test_a_known_size_line_still_needs_its_data_and_crlf(self) -> None:
+        ChunkedDecoder(Limits(), 1 << 62).feed(b"3\r\nabc\r\n")
+        with pytest.raises(FramingError):
+            ChunkedDecoder(Limits(), 1 << 62).feed(b"3\r\nabcX\r\n")
+        decoder = ChunkedDecoder(Limits(), 1 << 62)
+        assert decoder.feed(b"3\r\nab") == -1  # split: the general path takes it
+        assert decoder.feed(b"c\r\n0\r\n\r\n") == 8
+        with pytest.raises(FramingError):
+            ChunkedDecoder(Limits(), 1 << 62).feed(b"0x3\r\nabc\r\n")
+
+
 class TestResponseHead:
     """An engine's head, read by one scan: what makes the relay forward it verbatim or not."""
 
