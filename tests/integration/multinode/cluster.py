@@ -47,6 +47,15 @@ def node(workdir: Path, index: int) -> Mpsd:
     return m
 
 
+def start_nodes(nodes: list[Mpsd]) -> None:
+    """Start every node, then wait until both GPUs of each run (the nodes load in parallel)."""
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_state("gpu0", "running")
+        n.wait_state("gpu1", "running")
+
+
 def haproxy_config(port: int, stats_port: int, nodes: list[Mpsd]) -> str:
     """leastconn over the nodes, active checks on /health, L7 retries on another node for
     what a node never processed: refused or reset connections, empty answers, 503."""

@@ -27,6 +27,7 @@ from tests.integration.multinode.cluster import (
     HAProxy,
     Load,
     node,
+    start_nodes,
 )
 
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="no haproxy: apt-get install haproxy")
@@ -42,11 +43,7 @@ def cluster(workdir: Path) -> Iterator[tuple[list[Mpsd], HAProxy]]:
     nodes[0].overrides["restart"] = {"max_restarts": 0}  # its first fault is FAILED
     balancer = HAProxy(workdir, nodes)
     try:
-        for n in nodes:
-            n.start()
-        for n in nodes:
-            n.wait_state("gpu0", "running")
-            n.wait_state("gpu1", "running")
+        start_nodes(nodes)
         balancer.start()
         for i in range(len(nodes)):
             balancer.wait_status(f"node{i}", "UP")

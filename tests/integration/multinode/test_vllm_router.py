@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, Mpsd, free_ports, http, wait_until
-from tests.integration.multinode.cluster import MAX_TOKENS, TOKEN_DELAY_S, Load, node
+from tests.integration.multinode.cluster import (
+    MAX_TOKENS,
+    TOKEN_DELAY_S,
+    Load,
+    node,
+    start_nodes,
+)
 
 ROUTER = next((str(p) for p in (REPO / ".venv-cluster" / "bin" / "vllm-router",)
                if p.exists()), None) or shutil.which("vllm-router")
@@ -76,11 +82,7 @@ def routed(workdir: Path) -> Iterator[tuple[list[Mpsd], Router]]:
         n.overrides["proxy"] = {"unready_grace_s": ROUTER_GRACE_S}
     router: Router | None = None
     try:
-        for n in nodes:
-            n.start()
-        for n in nodes:
-            n.wait_state("gpu0", "running")
-            n.wait_state("gpu1", "running")
+        start_nodes(nodes)
         router = Router(workdir, nodes)
         yield nodes, router
     finally:
