@@ -68,6 +68,7 @@ class Metrics:
     def __init__(self, pool: BackendPool, *, version: str = __version__,
                  sampler: Callable[[str], GpuSample | None] = nvml.sample,
                  scrape_timeout_s: float = 2.0) -> None:
+        # the registry's series, declared in one place (hence longer than ~60 lines)
         self.pool = pool
         self.registry = CollectorRegistry()
         r = self.registry

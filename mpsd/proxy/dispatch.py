@@ -104,11 +104,7 @@ class Dispatcher:
         try:
             while True:
                 if lease is None:
-                    wait_s = 0.0 if tried else self.config.admission_wait_s
-                    lease = self._pool.lease(model, wait_s=wait_s, exclude=tried)
-                    await lease.acquire()
-                    if not tried:
-                        self._observer.queue_wait(loop.time() - started)
+                    lease = await self._lease(model, tried, started)
                 else:
                     self._observer.queue_wait(0.0)
                 backend = lease.backend
@@ -116,20 +112,11 @@ class Dispatcher:
                 try:
                     upstream = await self._upstreams.acquire(backend.base_url)
                 except UpstreamConnectError as exc:
-                    self._pool.connect_failed(backend)
-                    if exc.refused:
-                        self._pool.eject(backend, loop.time(), "refused",
-                                         f"{backend.key} refused a connection", dead=True)
-                    log.warning("engine_connect_failed", engine=backend.key, error=str(exc))
+                    self._connect_failed(backend, exc)
                     tried.append(backend)
                     lease.release()
                     lease = None
-                    if not retrying and not self.retries.admits(self._pool.inflight_total()):
-                        raise NoCapacity(model, ready=False, waited_s=0.0) from None
-                    if not retrying:
-                        self.retries.begin()
-                        retrying = True
-                    self._observer.request_retried("connect")
+                    retrying = self._count_retry(retrying, model)
                     continue
                 conn.task = None
                 self._send(conn, request, model, lease, upstream, started,
@@ -162,6 +149,36 @@ class Dispatcher:
                 self._observer.request_done(model, None, code, loop.time() - started, None)
                 if not conn.closed:
                     conn.response_done(request.keep_alive and code not in (499, 500))
+
+    async def _lease(self, model: str | None, tried: list[Backend], started: float) -> Lease:
+        """A lease from the admission queue; a retry (``tried``) does not wait in it."""
+        lease = self._pool.lease(model, wait_s=0.0 if tried else self.config.admission_wait_s,
+                                 exclude=tried)
+        try:
+            await lease.acquire()
+        except BaseException:
+            lease.release()
+            raise
+        if not tried:
+            self._observer.queue_wait(self.loop.time() - started)
+        return lease
+
+    def _connect_failed(self, backend: Backend, exc: UpstreamConnectError) -> None:
+        """The request never left: count it, and eject an engine that refused outright."""
+        self._pool.connect_failed(backend)
+        if exc.refused:
+            self._pool.eject(backend, self.loop.time(), "refused",
+                             f"{backend.key} refused a connection", dead=True)
+        log.warning("engine_connect_failed", engine=backend.key, error=str(exc))
+
+    def _count_retry(self, retrying: bool, model: str | None) -> bool:
+        """Count this request as a retry in the budget (once); NoCapacity when it is spent."""
+        if not retrying:
+            if not self.retries.admits(self._pool.inflight_total()):
+                raise NoCapacity(model, ready=False, waited_s=0.0)
+            self.retries.begin()
+        self._observer.request_retried("connect")
+        return True
 
     def _retry(self, exchange: Exchange) -> bool:
         """Send a request whose engine failed before the client saw a byte to another engine

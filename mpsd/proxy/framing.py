@@ -326,6 +326,8 @@ class ChunkedDecoder:
 
         Raises :class:`FramingError` on malformed framing or a body over ``max_body``.
         """
+        # One loop over the decoder's states, kept whole on purpose (longer than ~60 lines): it
+        # is the hot path of every chunked body, and a call per state would cost per chunk.
         if out is None and self.state == _SIZE and not self._partial:
             # the hot path of a relayed stream: one read is exactly one chunk (an SSE event)
             nl = data.find(b"\r\n", 0, 18)
