@@ -1,10 +1,11 @@
-"""HTTP/1.1 framing for the proxy, with no I/O: request heads, bodies, chunked coding, trailers.
+"""HTTP/1.1 framing for the proxy, with no I/O: request heads and bodies, response heads.
 
 Everything here works on bytes the caller already has, so it is tested alone (the corpus and the
 h11-oracle property test in tests/unit/proxy) and shared by both sides of the proxy: the client
 side (:mod:`mpsd.proxy.front`) reads requests with :class:`RequestParser`, and the engine side
 (:mod:`mpsd.proxy.relay`) finds where a chunked response ends with the same
-:class:`ChunkedDecoder` the client side decodes request bodies with.
+:class:`~mpsd.proxy.chunked.ChunkedDecoder` (:mod:`mpsd.proxy.chunked`) the client side decodes
+request bodies with; the limits and field-name rules both use live in :mod:`mpsd.proxy.http_rules`.
 
 Strict where laxness lets a request be read two ways (request smuggling towards the engines):
 bare CR, LF or NUL and other control bytes in the head, obs-fold, header names that are not
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+
+from mpsd.proxy.chunked import ChunkedDecoder
+from mpsd.proxy.http_rules import DEFAULT_LIMITS, KNOWN_NAMES, TOKEN, HttpError, Limits, lower_name
 
 # Hop-by-hop request headers: never forwarded to an engine (RFC 9110 §7.6.1), plus the ones
 # mpsd rewrites itself (host, content-length) and expect (answered here).
@@ -26,48 +29,14 @@ _HOP_REQUEST = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"host", b"content-length", b"expect", b"proxy-authorization",
 })
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# control bytes other than HTAB, CR and LF (CR and LF are checked as line ends)
-_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 _ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]+")
-_HEXDIGITS = b"0123456789abcdefABCDEF"
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?[ \t]*")
 # every byte but the control bytes (HTAB allowed): deleted from a head, what is left must be
 # its CRLFs and nothing else (no other control byte, no bare CR or LF), in one C-level pass
 _PLAIN = bytes([0x09, *range(0x20, 0x7f), *range(0x80, 0x100)])
-# header names already found to be tokens, to their lower case (bounded below)
-_KNOWN_NAMES: dict[bytes, bytes] = {}
 # single bytes looked for as ints: on Python 3.11 ``b"#" in data`` first tries the needle as an
 # int and raises and clears a TypeError (~150 ns); ``35 in data`` is a plain memchr
 _TAB, _HASH, _DOT, _BACKSLASH = b"\t#.\\"
-MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions
-# plain chunk-size lines already read, to their size: an engine's SSE events come in a few sizes,
-# and a dict lookup is a third of checking and converting the hex digits (bounded below)
-_SIZE_LINES: dict[bytes, int] = {}
-
-
-class HttpError(Exception):
-    """A request that cannot be served: answered with ``status``; the connection is closed,
-    since what follows on it can no longer be framed with confidence."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one request may take; the defaults are ProxyConfig's (see etc/mpsd/mpsd.toml)."""
-
-    max_request_line_bytes: int = 8192
-    max_header_line_bytes: int = 16384
-    max_head_bytes: int = 65536
-    max_headers: int = 100
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_trailer_bytes: int = 8192
-    max_trailers: int = 32
 
 
 class Request:
@@ -95,7 +64,7 @@ class Request:
         return self.chunked or bool(self.content_length)
 
 
-def parse_head(head: bytes, limits: Limits = Limits()) -> Request:
+def parse_head(head: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     """Parse a request head (without the blank line); raise :class:`HttpError` if malformed."""
     lines = head.split(b"\r\n")
     if len(head.translate(None, _PLAIN)) != 2 * (len(lines) - 1):
@@ -112,9 +81,9 @@ def parse_head(head: bytes, limits: Limits = Limits()) -> Request:
             raise HttpError(431, f"a header line is longer than {limits.max_header_line_bytes} "
                                  "bytes")
         name, sep, value = line.partition(b":")
-        lname = _KNOWN_NAMES.get(name)
+        lname = KNOWN_NAMES.get(name)
         if lname is None or not sep:
-            lname = _lower_name(name) if sep else None
+            lname = lower_name(name) if sep else None
             if lname is None:
                 raise HttpError(400, "malformed header line (the name must be a token, then "
                                      "':')")
@@ -154,7 +123,7 @@ def _request_line(line: bytes, limits: Limits) -> Request:
     parts = line.split(b" ")
     # (control bytes other than HTAB were refused for the whole head already)
     if (len(parts) != 3 or not parts[1] or _TAB in parts[1]
-            or (parts[0] not in _METHODS and not _TOKEN.fullmatch(parts[0]))):
+            or (parts[0] not in _METHODS and not TOKEN.fullmatch(parts[0]))):
         raise HttpError(400, "malformed request line")
     method, target, version = parts
     if version == b"HTTP/1.1":
@@ -176,19 +145,6 @@ def _request_line(line: bytes, limits: Limits) -> Request:
     return request
 
 
-def _lower_name(name: bytes) -> bytes | None:
-    """A header name in lower case; None if it is not a token."""
-    lname = _KNOWN_NAMES.get(name)
-    if lname is not None:
-        return lname
-    if _TOKEN.fullmatch(name) is None:
-        return None
-    lname = name.lower()
-    if len(_KNOWN_NAMES) < 1024:  # clients send the same few names: remember them
-        _KNOWN_NAMES[name] = lname
-    return lname
-
-
 def _content_length(request: Request, value: bytes) -> None:
     if not value.isdigit() or len(value) > 18 or not value.isascii():
         raise HttpError(400, "invalid Content-Length")
@@ -208,18 +164,6 @@ def _connection_options(request: Request, connection: bytes) -> None:
     if extra:  # headers the client marked hop-by-hop
         request.forward = [x for x in request.forward
                            if x.partition(b":")[0].lower() not in extra]
-
-
-def chunk_size(line: bytes) -> int:
-    """The size on a chunk-size line (extensions allowed); -1 if it is not one.
-
-    Plain hex digits only: ``int(x, 16)`` alone would also take ``0x3``, ``+3``, ``1_0`` and
-    surrounding whitespace, which other parsers on the path read differently.
-    """
-    if 0 < len(line) <= 16 and not line.translate(None, _HEXDIGITS):
-        return int(line, 16)
-    match = _CHUNK_LINE.fullmatch(line)
-    return int(match.group(1), 16) if match is not None else -1
 
 
 # Hop-by-hop response headers: dropped when a head is rebuilt for the client.
@@ -274,144 +218,6 @@ def status_of(head: bytes) -> int:
     """The status code of a response head; 0 if it has none."""
     code = head[9:12]
     return int(code) if len(code) == 3 and code.isdigit() and code.isascii() else 0
-
-
-class FramingError(HttpError):
-    """The chunked framing is broken (or over a limit): nothing after it can be trusted."""
-
-
-class Chunk(enum.IntEnum):
-    """Where a :class:`ChunkedDecoder` is in a chunked body."""
-
-    SIZE = 0      # at a chunk-size line
-    DATA = 1      # inside a chunk's data
-    DATA_END = 2  # at the CRLF that ends a chunk's data
-    TRAILER = 3   # in the trailer section (after the last chunk)
-    DONE = 4
-
-
-# module-level names: an enum member looked up on its class costs ~65 ns, per relayed read
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = Chunk
-
-
-class ChunkedDecoder:
-    """An incremental chunked-coding decoder, for request bodies and engine responses alike.
-
-    :meth:`feed` takes the bytes as they arrive, appends the chunk payloads to ``out`` when the
-    caller wants them (a request body, an HTTP/1.0 client's response) and says where the body
-    ended. The work is linear in the bytes fed: a chunk-size line split across reads is the only
-    thing kept back, and it is bounded like the trailer section.
-    """
-
-    __slots__ = ("_partial", "_trailer_bytes", "_trailers", "left", "limits", "max_body",
-                 "state", "total")
-
-    def __init__(self, limits: Limits, max_body: int) -> None:
-        self.limits = limits
-        self.max_body = max_body
-        self.state = Chunk.SIZE
-        self.left = 0  # data bytes still to come in the current chunk
-        self.total = 0  # payload bytes so far
-        self._partial = b""
-        self._trailer_bytes = 0
-        self._trailers = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        """Between two chunks (where an SSE stream can be ended cleanly)."""
-        return self.state == Chunk.SIZE and not self._partial
-
-    def feed(self, data: bytes, out: list[bytes] | None = None) -> int:
-        """Advance over ``data``; return the index just past the body's end, else -1.
-
-        Raises :class:`FramingError` on malformed framing or a body over ``max_body``.
-        """
-        # One loop over the decoder's states, kept whole on purpose (longer than ~60 lines): it
-        # is the hot path of every chunked body, and a call per state would cost per chunk.
-        if out is None and self.state == _SIZE and not self._partial:
-            # the hot path of a relayed stream: one read is exactly one chunk (an SSE event)
-            nl = data.find(b"\r\n", 0, 18)
-            if nl > 0:
-                line = data[:nl]
-                size = _SIZE_LINES.get(line, -1)
-                if size < 0:
-                    size = chunk_size(line)
-                    if size > 0 and len(_SIZE_LINES) < 4096:
-                        _SIZE_LINES[line] = size
-                if size > 0 and len(data) == nl + size + 4 and data.endswith(b"\r\n"):
-                    self.total += size
-                    if self.total > self.max_body:
-                        raise FramingError(413, f"the body exceeds {self.max_body} bytes")
-                    return -1
-        offset = len(self._partial)
-        buf = self._partial + data if offset else data
-        pos, n, state, left = 0, len(buf), self.state, self.left
-        while True:
-            if state == _DATA:
-                if n - pos < left:
-                    if out is not None and n > pos:
-                        out.append(buf[pos:] if pos else buf)
-                    self.left, self.state, self._partial = left - (n - pos), state, b""
-                    return -1
-                if out is not None:
-                    out.append(buf[pos:pos + left])
-                pos += left
-                left = 0
-                state = _DATA_END
-            if state == _DATA_END:
-                if not buf.startswith(b"\r\n", pos):
-                    if n - pos >= 2 or not b"\r".startswith(buf[pos:]):
-                        raise FramingError(400, "chunk data not followed by CRLF")
-                    self._keep(buf, pos, state)
-                    return -1
-                pos += 2
-                state = _SIZE
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                self._keep(buf, pos, state)
-                return -1
-            if state == _SIZE:
-                size = chunk_size(buf[pos:nl])
-                if size < 0:
-                    raise FramingError(400, "malformed chunk-size line")
-                pos = nl + 2
-                if size == 0:
-                    state = _TRAILER
-                    continue
-                self.total += size
-                if self.total > self.max_body:
-                    raise FramingError(413, f"the body exceeds {self.max_body} bytes")
-                state, left = _DATA, size
-            elif state == _TRAILER:
-                if nl == pos:
-                    self.state, self._partial = _DONE, b""
-                    return nl + 2 - offset
-                self._trailer_line(buf[pos:nl])
-                pos = nl + 2
-            else:
-                raise FramingError(400, "bytes after the end of a chunked body")
-
-    def _keep(self, buf: bytes, pos: int, state: Chunk) -> None:
-        """Keep an incomplete line for the next read (bounded: a line is never that long)."""
-        rest = buf[pos:]
-        limit = self.limits.max_trailer_bytes if state == Chunk.TRAILER else MAX_CHUNK_LINE_BYTES
-        if len(rest) > limit:
-            raise FramingError(400 if state != Chunk.TRAILER else 431,
-                               "a chunk-size or trailer line is too long")
-        self._partial = bytes(rest)
-        self.state, self.left = state, 0
-
-    def _trailer_line(self, line: bytes) -> None:
-        self._trailers += 1
-        self._trailer_bytes += len(line) + 2
-        if (self._trailers > self.limits.max_trailers
-                or self._trailer_bytes > self.limits.max_trailer_bytes):
-            raise FramingError(431, "the trailer section is over its limits "
-                                    f"({self.limits.max_trailers} fields, "
-                                    f"{self.limits.max_trailer_bytes} bytes)")
-        name, sep, _ = line.partition(b":")
-        if not sep or _lower_name(name) is None or _CTL.search(line) or b"\r" in line:
-            raise FramingError(400, "malformed trailer field")
 
 
 class Phase(enum.IntEnum):

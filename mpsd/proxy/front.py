@@ -21,7 +21,8 @@ import asyncio
 from typing import Protocol
 
 from mpsd.proxy.errors import error_body, reason
-from mpsd.proxy.framing import HttpError, Limits, Phase, Request, RequestParser
+from mpsd.proxy.framing import Phase, Request, RequestParser
+from mpsd.proxy.http_rules import HttpError, Limits
 
 MAX_PIPELINED_BYTES = 1024 * 1024
 _HEAD, _BODY = Phase  # module-level names: an enum member looked up on its class costs ~65 ns

@@ -18,17 +18,11 @@ import re
 from collections.abc import Callable
 
 from mpsd.pool import Backend, BackendPool, Lease
+from mpsd.proxy.chunked import ChunkedDecoder, FramingError
 from mpsd.proxy.errors import sse_error_event
-from mpsd.proxy.framing import (
-    HOP_RESPONSE,
-    ChunkedDecoder,
-    FramingError,
-    Limits,
-    Request,
-    ResponseHead,
-    status_of,
-)
+from mpsd.proxy.framing import HOP_RESPONSE, Request, ResponseHead, status_of
 from mpsd.proxy.front import FrontConnection
+from mpsd.proxy.http_rules import Limits
 from mpsd.proxy.upstream import UpstreamConnection
 
 MAX_HEAD_BYTES = 64 * 1024

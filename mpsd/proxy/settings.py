@@ -6,7 +6,7 @@ import resource
 
 from mpsd.config import ProxyConfig
 from mpsd.pool import BackendPool
-from mpsd.proxy.framing import Limits
+from mpsd.proxy.http_rules import Limits
 
 
 def configure_pool(pool: BackendPool, config: ProxyConfig) -> None:

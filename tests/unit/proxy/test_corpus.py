@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from mpsd.proxy.framing import HttpError, Limits, Request, RequestParser
+from mpsd.proxy.framing import Request, RequestParser
+from mpsd.proxy.http_rules import HttpError, Limits
 
 CORPUS = Path(__file__).parent / "corpus"
 

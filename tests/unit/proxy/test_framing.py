@@ -6,14 +6,9 @@ import time
 
 import pytest
 
-from mpsd.proxy.framing import (
-    ChunkedDecoder,
-    FramingError,
-    Limits,
-    ResponseHead,
-    chunk_size,
-    status_of,
-)
+from mpsd.proxy.chunked import ChunkedDecoder, FramingError, chunk_size
+from mpsd.proxy.framing import ResponseHead, status_of
+from mpsd.proxy.http_rules import Limits
 
 DEFAULTS = Limits()
 BODY = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\n"

@@ -15,7 +15,8 @@ import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpsd.proxy.framing import HttpError, Limits, RequestParser
+from mpsd.proxy.framing import RequestParser
+from mpsd.proxy.http_rules import HttpError, Limits
 
 HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
        b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",

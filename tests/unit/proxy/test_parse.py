@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mpsd.proxy.errors import error_body, sse_error_event
-from mpsd.proxy.framing import HttpError, parse_head
+from mpsd.proxy.framing import parse_head
+from mpsd.proxy.http_rules import HttpError
 from mpsd.proxy.request import authorized, model_of, upstream_request
 
 
