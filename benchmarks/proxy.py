@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -319,12 +321,15 @@ async def _serve_mpsd(port: int, upstreams: list[str], root: str) -> None:
                         cache_logger_on_first_use=True)
     from mpsd.config import ProxyConfig  # noqa: PLC0415 (only the process that serves)
     from mpsd.observe.metrics import Metrics  # noqa: PLC0415 (only the process that serves)
-    from mpsd.pool import Backend, BackendPool  # noqa: PLC0415 (only the process that serves)
+    from mpsd.pool import BackendPool  # noqa: PLC0415 (only the process that serves)
     from mpsd.proxy.server import ProxyServer  # noqa: PLC0415 (only the process that serves)
 
+    # Backend moved from mpsd.pool to mpsd.backend; a --baseline tree may have either
+    home = "mpsd.backend" if importlib.util.find_spec("mpsd.backend") else "mpsd.pool"
+    backend = importlib.import_module(home).Backend
     pool = BackendPool()
     for i, url in enumerate(upstreams):
-        pool.add(Backend(key=f"gpu0/bench-{i}", gpu="gpu0", model="bench", base_url=url))
+        pool.add(backend(key=f"gpu0/bench-{i}", gpu="gpu0", model="bench", base_url=url))
         pool.set_routable(f"gpu0/bench-{i}", True)
     proxy = ProxyServer(ProxyConfig(listen=f"127.0.0.1:{port}"), pool, lambda: {}, Metrics(pool))
     await proxy.start()

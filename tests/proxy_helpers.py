@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpsd.backend import Backend
 from mpsd.config import ProxyConfig
-from mpsd.pool import Backend, BackendPool
+from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
 from tests.harness import FAKE_VLLM, free_ports, read_jsonl
 

@@ -16,8 +16,9 @@ import asyncio
 
 import structlog
 
+from mpsd.backend import Backend, NoCapacity, UnknownModel
 from mpsd.config import ProxyConfig
-from mpsd.pool import Backend, BackendPool, Lease, NoCapacity, UnknownModel
+from mpsd.pool import BackendPool, Lease
 from mpsd.proxy.errors import reply
 from mpsd.proxy.framing import Request
 from mpsd.proxy.front import FrontConnection

@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from mpsd.pool import Backend, BackendPool, Lease
+from mpsd.backend import Backend
+from mpsd.pool import BackendPool, Lease
 from mpsd.proxy.chunked import ChunkedDecoder, FramingError
 from mpsd.proxy.errors import sse_error_event
 from mpsd.proxy.framing import HOP_RESPONSE, Request, ResponseHead, status_of

@@ -23,9 +23,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mpsd import logs
+from mpsd.backend import Backend
 from mpsd.errors import HealthCheckFailed, MemberExited, MpsCommandError, SpawnError, StartupTimeout
 from mpsd.plan.build import EnginePlan, GroupPlan
-from mpsd.pool import Backend, BackendPool
+from mpsd.pool import BackendPool
 from mpsd.status import HistoryEntry
 from mpsd.supervise.contract import GroupObserver, GroupOptions
 from mpsd.supervise.engine import Engine

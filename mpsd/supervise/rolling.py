@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mpsd import logs
+from mpsd.backend import Backend
 from mpsd.errors import SpawnError
 from mpsd.plan.build import EnginePlan, GroupPlan
-from mpsd.pool import Backend
 from mpsd.supervise.faults import Fault
 from mpsd.supervise.states import GroupState
 

@@ -18,9 +18,10 @@ import anyio
 from anyio.abc import TaskGroup
 
 from mpsd import logs
+from mpsd.backend import Backend
 from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import GroupPlan, Plan
-from mpsd.pool import Backend, BackendPool
+from mpsd.pool import BackendPool
 from mpsd.status import BackendStatus, DaemonStatus, GroupStatus
 from mpsd.supervise.contract import GroupObserver, GroupOptions
 from mpsd.supervise.faults import Fault

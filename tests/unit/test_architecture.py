@@ -22,13 +22,15 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "plan": frozenset({"supervise", "proxy", "observe", "control", "pool"}),
     "config": frozenset({"plan", "host", "supervise", "proxy", "observe", "control", "pool"}),
     "pool": frozenset({"plan", "host", "supervise", "proxy", "observe", "control"}),
+    "backend": frozenset({"config", "plan", "host", "pool", "supervise", "proxy", "observe",
+                          "control"}),
     "status": frozenset({"config", "plan", "host", "pool", "supervise", "proxy", "observe",
                          "control"}),
 }
 COMPOSERS = frozenset({"daemon", "cli", "__main__"})
 
 # The pure layers decide; they never touch a socket, a process or the network.
-PURE = frozenset({"plan", "config", "pool", "status"})
+PURE = frozenset({"plan", "config", "pool", "backend", "status"})
 IO_MODULES = frozenset({"socket", "subprocess", "selectors", "ssl", "http", "urllib", "aiohttp",
                         "anyio", "multiprocessing", "signal", "shutil", "threading", "pynvml"})
 # asyncio is allowed in the pool for its futures and timeouts; its I/O entry points are not.

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpsd.pool import Backend, BackendPool, NoCapacity, UnknownModel, pick
+from mpsd.backend import Backend, NoCapacity, UnknownModel, pick
+from mpsd.pool import BackendPool
 from tests.harness import until
 
 

@@ -23,7 +23,8 @@ import aiohttp
 import openai
 import pytest
 
-from mpsd.pool import Backend, BackendPool
+from mpsd.backend import Backend
+from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
 from tests.harness import processes_mentioning, until
 from tests.proxy_helpers import FakeEngines, make_pool, running_proxy, sse_events

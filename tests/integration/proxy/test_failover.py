@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mpsd.pool import Backend
+from mpsd.backend import Backend
 from tests.harness import until
 from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_proxy
 

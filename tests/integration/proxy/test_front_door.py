@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mpsd.pool import Backend, BackendPool
+from mpsd.backend import Backend
+from mpsd.pool import BackendPool
 from mpsd.proxy.front import MAX_PIPELINED_BYTES
 from mpsd.proxy.server import ProxyServer
 from tests.harness import until

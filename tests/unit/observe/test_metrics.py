@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from mpsd.backend import Backend
 from mpsd.config import MpsConfig, RestartConfig, parse_config
 from mpsd.errors import MpsCommandError
 from mpsd.host.nvml import GpuInfo, GpuInventory, GpuSample
@@ -29,7 +30,7 @@ from mpsd.observe.aggregate import NodeAggregator, combine_mode
 from mpsd.observe.metrics import CONTENT_TYPE, Metrics, metrics_handler
 from mpsd.observe.poll import mps_status_code, parse_engine_metrics
 from mpsd.plan.build import HostFacts, Plan, build_plan
-from mpsd.pool import Backend, BackendPool
+from mpsd.pool import BackendPool
 from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.faults import Fault
 from mpsd.supervise.mps import MpsDaemon
