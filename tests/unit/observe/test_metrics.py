@@ -357,21 +357,28 @@ def test_mps_status_code(statuses: list[str], code: int) -> None:
     assert mps_status_code(statuses) == code
 
 
-def test_engine_metrics_are_reexported_with_gpu_and_engine_labels() -> None:
+def collected(routes: dict[str, Any], paths: Mapping[str, str]) -> Metrics:
+    """Metrics after one collection round over engines served from ``routes`` (engine key →
+    its path on that server)."""
     plan = make_plan()
 
     async def main() -> Metrics:
-        routes = {"/new/metrics": text_handler(VLLM_SAMPLE),
-                  "/old/metrics": text_handler(VLLM_OLD_SAMPLE),
-                  "/broken/metrics": text_handler("oops", status=500)}
         async with serve(routes) as url, aiohttp.ClientSession() as session:
-            metrics = Metrics(make_pool(plan, {E0: url + "/new", E1: url + "/old",
-                                               F0: url + "/broken"}), sampler=no_nvml)
+            metrics = Metrics(make_pool(plan, {k: url + v for k, v in paths.items()}),
+                              sampler=no_nvml)
             sup = supervisor_for(metrics, plan, session)
             await metrics.collect_once(list(sup.groups.values()), session)
             return metrics
 
-    metrics = run(main)
+    metrics: Metrics = run(main)
+    return metrics
+
+
+def test_engine_metrics_are_reexported_with_gpu_and_engine_labels() -> None:
+    metrics = collected({"/new/metrics": text_handler(VLLM_SAMPLE),
+                         "/old/metrics": text_handler(VLLM_OLD_SAMPLE),
+                         "/broken/metrics": text_handler("oops", status=500)},
+                        {E0: "/new", E1: "/old", F0: "/broken"})
     got = scrape(metrics, engines=True)
     running = {s.labels["engine"]: s for s in got["vllm:num_requests_running"]}
     assert set(running) == {E0, E1}
@@ -395,19 +402,9 @@ def test_engine_metrics_are_reexported_with_gpu_and_engine_labels() -> None:
 
 
 def test_metrics_carries_node_aggregates_under_vllm_names_without_engine_labels() -> None:
-    plan = make_plan()
-
-    async def main() -> Metrics:
-        routes = {"/new/metrics": text_handler(VLLM_SAMPLE),
-                  "/old/metrics": text_handler(VLLM_OLD_SAMPLE)}
-        async with serve(routes) as url, aiohttp.ClientSession() as session:
-            metrics = Metrics(make_pool(plan, {E0: url + "/new", E1: url + "/new",
-                                               F0: url + "/old"}), sampler=no_nvml)
-            sup = supervisor_for(metrics, plan, session)
-            await metrics.collect_once(list(sup.groups.values()), session)
-            return metrics
-
-    metrics = run(main)
+    metrics = collected({"/new/metrics": text_handler(VLLM_SAMPLE),
+                         "/old/metrics": text_handler(VLLM_OLD_SAMPLE)},
+                        {E0: "/new", E1: "/new", F0: "/old"})
     node, engines = scrape(metrics), scrape(metrics, engines=True)
     vllm = {name: samples for name, samples in node.items() if name.startswith("vllm:")}
     for samples in vllm.values():
