@@ -1,4 +1,5 @@
-"""The ``mpsd`` command (architecture.md §7): run, check-config, status, restart, drain, reload.
+"""The ``mpsd`` command (architecture.md §7): run, check-config, status, restart, drain, reload,
+bench and tune.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 config error (the unit's
 ``RestartPreventExitStatus=78`` keeps a typo from becoming a restart loop), 130 after Ctrl-C and
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import anyio
 
 from mpsd import __version__, logs
+from mpsd.bench import command as bench_command
 from mpsd.config import config_path
 from mpsd.control import client as control_client
 from mpsd.errors import ConfigError, ExitCode, MpsdError
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     for p in (status, restart, drain, reload):
         p.add_argument("-c", "--config", help="config file, to find daemon.state_dir")
         p.add_argument("--socket", help="control socket (default: <state_dir>/control.sock)")
+    bench_command.add_parser(sub)
     return parser
 
 
@@ -114,6 +117,8 @@ def _main(argv: Sequence[str] | None) -> int:
     file = config_path(args.config)
     if args.command in ("status", "restart", "drain", "reload"):
         return _control(args, file)
+    if args.command == "bench":
+        return bench_command.run(args, file)
     try:
         if args.command == "check-config":
             return _check_config(file, args.json)

@@ -67,6 +67,7 @@ class DaemonStatus(TypedDict):
     """``GET /status`` on the control socket: the status line, MPS mode and every group."""
 
     status: str
+    pid: int  # the daemon's own process (its CPU time is what the proxy costs)
     mps: MpsMode
     groups: list[GroupStatus]
 

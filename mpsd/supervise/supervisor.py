@@ -9,6 +9,7 @@ operator see it.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -252,6 +253,7 @@ class Supervisor:
         backends = {b["key"]: b for b in self.pool.snapshot()}
         return {
             "status": self.status_line(),
+            "pid": os.getpid(),
             "mps": {"enabled": self.plan.mps_enabled, "reason": self.plan.mps_reason},
             "groups": [_group_view(g, backends) for g in self.groups.values()],
         }
