@@ -19,6 +19,7 @@ import anyio
 
 from mpsd import __version__, logs
 from mpsd.bench import command as bench_command
+from mpsd.bench import tune
 from mpsd.config import config_path
 from mpsd.control import client as control_client
 from mpsd.errors import ConfigError, ExitCode, MpsdError
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="config file, to find daemon.state_dir")
         p.add_argument("--socket", help="control socket (default: <state_dir>/control.sock)")
     bench_command.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 
@@ -119,6 +121,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _control(args, file)
     if args.command == "bench":
         return bench_command.run(args, file)
+    if args.command == "tune":
+        return tune.run(args)
     try:
         if args.command == "check-config":
             return _check_config(file, args.json)

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from mpsd.bench import arms, report, workloads
 from mpsd.bench.progress import Progress, clock
-from mpsd.bench.target import Snapshot, Temporary, TargetError, load_document, snapshot
+from mpsd.bench.target import Snapshot, TargetError, Temporary, load_document, snapshot
 from mpsd.config import load_config
 from mpsd.errors import ConfigError, ExitCode
 
@@ -81,6 +81,15 @@ def chosen_workloads(args: argparse.Namespace) -> tuple[workloads.Workload, ...]
                                                              args.output_len)),)
 
 
+def _arms(text: str) -> tuple[str, ...]:
+    wanted = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in wanted if a not in arms.ARMS]
+    if unknown or not wanted:
+        raise ValueError(f"--arms: unknown {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(arms.ARMS)}")
+    return wanted
+
+
 def pick_model(snap: Snapshot, wanted: str | None) -> str:
     models = snap.models()
     if wanted:
@@ -117,11 +126,7 @@ def run(args: argparse.Namespace, file: str) -> int:
     """The ``bench`` command; the exit code."""
     try:
         chosen = chosen_workloads(args)
-        wanted = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-        unknown = [a for a in wanted if a not in arms.ARMS]
-        if unknown or not wanted:
-            raise ValueError(f"--arms: unknown {', '.join(unknown) or '(none)'}; "
-                             f"choose from {', '.join(arms.ARMS)}")
+        wanted = _arms(args.arms)
     except ValueError as exc:
         print(f"mpsd bench: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -49,9 +49,9 @@ def table(name: str, body: Mapping[str, Any], array: bool = False) -> list[str]:
     for k, v in body.items():
         if v is None:  # TOML has no null: an unset optional key is left out
             continue
-        if isinstance(v, Mapping) and v and all(isinstance(x, Mapping) for x in v.values()):
-            nested.append((k, v))
-        elif _is_table_array(v):
+        sub_table = isinstance(v, Mapping) and v and all(isinstance(x, Mapping)
+                                                         for x in v.values())
+        if sub_table or _is_table_array(v):
             nested.append((k, v))
         else:
             lines.append(f"{key(k)} = {value(v)}")
