@@ -60,6 +60,17 @@ class Cores:
     warning: str
 
 
+def daemon_cores(max_loadgen: int = 4) -> tuple[int, ...]:
+    """Cores for a daemon bench starts itself: all but a quarter (at most ``max_loadgen``) of
+    this process's, which stay free for the load generator. With fewer than four cores there is
+    nothing to spare (:func:`loadgen_cores` then says so)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 4:
+        return tuple(usable)
+    keep = min(max_loadgen, len(usable) // 4)
+    return tuple(usable[:-keep])
+
+
 def loadgen_cores(snap: Snapshot, max_procs: int = 4) -> Cores:
     """Cores of this process's affinity that no engine (and not mpsd itself) is pinned to."""
     usable = set(os.sched_getaffinity(0))

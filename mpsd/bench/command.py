@@ -113,7 +113,7 @@ def _target(args: argparse.Namespace, file: str, progress: Progress) -> Iterator
     if not args.start:
         yield snapshot(args.url or _proxy_url(file))
         return
-    temp = Temporary(load_document(Path(file)), log=progress.note)
+    temp = Temporary(load_document(Path(file)), arms.daemon_cores(), log=progress.note)
     progress.note(f"starting a private mpsd from {file} ({temp.planned()} engines)")
     try:
         yield temp.start(timeout=3600)

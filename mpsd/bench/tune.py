@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +31,7 @@ from mpsd.bench.progress import Progress, clock
 from mpsd.bench.stats import Gain, gain
 from mpsd.bench.target import TargetError, Temporary, load_document
 from mpsd.bench.workloads import Workload
-from mpsd.config import MAX_TOTAL_MEMORY_SHARE, parse_config, parse_size
+from mpsd.config import MAX_TOTAL_MEMORY_SHARE, EngineConfig, parse_config, parse_size
 from mpsd.errors import ConfigError, ExitCode
 
 Row = dict[str, Any]
@@ -99,10 +99,14 @@ class Tuner:
         self.current: search.Setup | None = None
         self.start_s: float | None = None  # one engine's cold start, once measured
         self.stages: list[Stage] = []
+        self.rows: list[Row] = []  # the stage rows, for the plot
+        self.warned = False
         self.plan = arms.Plan(chosen, ("direct1", "mpsd"), args.repeats, args.warmup,
                               args.duration, args.num_requests)
 
     def emit(self, row: Row) -> None:
+        if row.get("kind") == "stage":
+            self.rows.append(row)
         if self.sink is not None:
             report.write_jsonl([row], self.sink)
 
@@ -134,7 +138,12 @@ class Tuner:
             snap = self._bring_up(setup)
             tags = {"engines_setup": setup.engines, "mps": setup.mps, "threads": setup.threads}
             self.progress.note(f"measuring {setup.text()}")
-            rows = arms.measure(snap, self.template["served_model_name"], self.plan,
+            cores = arms.loadgen_cores(snap)
+            if cores.warning and not self.warned:
+                self.warned = True
+                self.progress.note(f"warning: {cores.warning}")
+            plan = replace(self.plan, procs=cores.procs, cpus=cores.cpus)
+            rows = arms.measure(snap, self.template["served_model_name"], plan,
                                 self.progress, self.emit, tags)
         except (TargetError, ValueError) as exc:
             self._stop()
@@ -170,7 +179,7 @@ class Tuner:
         else:
             self._stop()
             self.progress.note(f"starting a private mpsd: {setup.text()}")
-            self.temp = Temporary(doc, log=self.progress.note)
+            self.temp = Temporary(doc, arms.daemon_cores(), log=self.progress.note)
             snap = self.temp.start(timeout=3600)
             added = setup.engines
         self.current = setup
@@ -322,17 +331,18 @@ def _check_engines(limit: int) -> None:
 
 def block(template: dict[str, Any], device: str, rec: search.Recommendation,
           header: list[str]) -> str:
-    """The recommended ``[[gpu]]`` block, checked by mpsd's own config loader."""
-    engine = {**template, "replicas": rec.setup.engines}
-    if rec.setup.threads != 100:
-        engine["active_thread_percentage"] = rec.setup.threads
-    else:
-        engine.pop("active_thread_percentage", None)
+    """The recommended ``[[gpu]]`` block, checked by mpsd's own config loader; keys left at
+    their defaults are left out, so the block reads like one an operator writes."""
+    engine = {**template, "replicas": rec.setup.engines,
+              "active_thread_percentage": rec.setup.threads}
+    fields = EngineConfig.model_fields
+    engine = {k: v for k, v in engine.items()
+              if k not in fields or fields[k].is_required() or v != fields[k].get_default(
+                  call_default_factory=True)}
     doc: dict[str, Any] = {"gpu": [{"device": device, "engine": [engine]}]}
     parse_config(json.loads(json.dumps(doc)), "<tune>")
     lines = [f"# {line}" for line in header]
-    lines.append(f"# needs [mps] enabled = \"{'on' if rec.setup.mps else 'off'}\"" +
-                 ("" if rec.setup.mps else " (or \"auto\" with a single engine)"))
+    lines.append(f"# needs [mps] enabled = \"{'on' if rec.setup.mps else 'off'}\"")
     return "\n".join(lines) + "\n" + toml_writer.dumps(doc)
 
 
@@ -415,13 +425,14 @@ def _report(args: argparse.Namespace, tuner: Tuner, rec: search.Recommendation,
         args.out.write_text(text)
     if args.plot:
         try:
-            _plot(tuner, args.plot, template["served_model_name"])
+            plot(tuner.rows, args.plot, template["served_model_name"])
         except ImportError:
             print("mpsd tune: no plot: matplotlib is not installed (pip install 'mpsd[plot]')",
                   file=sys.stderr)
 
 
-def _plot(tuner: Tuner, dest: Path, title: str) -> None:
+def plot(stages: list[Row], dest: Path, title: str) -> None:
+    """Gain over one engine against engines, MPS on and off, from the ``stage`` rows."""
     import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -429,18 +440,21 @@ def _plot(tuner: Tuner, dest: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for mps, style in ((True, "o-"), (False, "s--")):
-        pts = sorted((s.setup.engines, s.score.gain) for s in tuner.stages
-                     if s.score is not None and s.setup.mps == mps and s.setup.threads == 100)
+        pts = sorted((int(r["engines"]), float(r["gain"]), float(r["gain_low"]),
+                      float(r["gain_high"])) for r in stages
+                     if r.get("kind") == "stage" and "gain" in r and r["mps"] == mps
+                     and int(r.get("threads", 100)) == 100)
         if pts:
-            ax.errorbar([1] + [p[0] for p in pts], [1.0] + [p[1].median for p in pts],
-                        yerr=[[0.0] + [p[1].median - p[1].low for p in pts],
-                              [0.0] + [p[1].high - p[1].median for p in pts]],
+            ax.errorbar([1] + [p[0] for p in pts], [1.0] + [p[1] for p in pts],
+                        yerr=[[0.0] + [p[1] - p[2] for p in pts],
+                              [0.0] + [p[3] - p[1] for p in pts]],
                         fmt=style, capsize=3, label=f"MPS {'on' if mps else 'off'}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("engines on one GPU")
     ax.set_ylabel("throughput / one engine (median, min-max)")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
+    ax.set_xticks(sorted({1, *(int(r["engines"]) for r in stages if r.get("kind") == "stage")}))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
