@@ -31,6 +31,16 @@ count from readiness unless stated):
   FAKE_ENGINE_CONTROL_DIR       poll ``<dir>/<port>.cmd`` every 50 ms for one of ``crash``,
                                 ``hang``, ``unhang``, ``unhealthy``, ``healthy``, ``slow <s>``,
                                 ``canary_fail``, ``canary_ok``; the file is deleted once read
+  FAKE_GPU_DIR                  opt-in shared-GPU model (fake_gpu.py): the engines of a test
+                                register in ``<dir>/<device>/<pid>``; tokens then come from a
+                                continuous-batching step clock whose step time depends on the
+                                busy co-tenants, MPS on/off (CUDA_MPS_PIPE_DIRECTORY) and
+                                CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, replacing the token delay
+                                and ``slow``; start-up fails like vLLM when the co-tenants'
+                                --gpu-memory-utilization shares (default 0.9) exceed 1
+  FAKE_GPU_CPU_S, FAKE_GPU_STEP_S, FAKE_GPU_SEQ_S, FAKE_GPU_PREFILL_S,
+  FAKE_GPU_TIMESLICE_PENALTY, FAKE_GPU_MEMORY_GIB, FAKE_GPU_MODEL_GIB
+                                the model's knobs: defaults and meaning in fake_gpu.py
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from tests.fakes import fakeutil
+from tests.fakes.fake_gpu_clock import GpuMemoryError, SharedGpu, StepClock, register
 from tests.fakes.fake_vllm_api import VERSION
 from tests.fakes.fake_vllm_http import State, make_app
 
@@ -177,6 +188,7 @@ class ApiServer:
         self.core_dead = asyncio.Event()
         self.stop = asyncio.Event()
         self.mps = False
+        self.gpu: SharedGpu | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -207,6 +219,8 @@ class ApiServer:
                   "identifier listed on 'https://huggingface.co/models'", file=sys.stderr,
                   flush=True)
             return self._exit(1, "fail_start")
+        if not self._join_gpu():
+            return self._exit(1, "gpu_memory")
         if not await self._start_core():
             if self.stop.is_set():
                 await self._stop_core()
@@ -253,8 +267,28 @@ class ApiServer:
         return self._exit(0, "engine_dead" if self.st.dead else "shutdown")
 
     def _exit(self, code: int, reason: str) -> int:
+        if self.gpu is not None:
+            self.gpu.close()
         self.ev.emit("exit", code=code, reason=reason)
         return code
+
+    def _join_gpu(self) -> bool:
+        """FAKE_GPU_DIR: register on the shared fake GPU, or fail start-up like vLLM does when
+        the memory shares do not fit (False)."""
+        try:
+            self.gpu = register(self.args.port, self.args.flags)
+        except GpuMemoryError as exc:
+            print(f"ValueError: {exc}", file=sys.stderr, flush=True)
+            vlog("ERROR", "RuntimeError: Engine core initialization failed. See root cause "
+                 "above. Failed core proc(s): {'EngineCore_DP0': 1}", "core_client.py:1")
+            self.ev.emit("gpu_memory_refused", message=str(exc))
+            return False
+        if self.gpu is not None:
+            cfg = self.gpu.cfg
+            self.st.gpu = StepClock(self.gpu)
+            self.ev.emit("gpu_register", device=cfg.device, util=self.gpu.registry.entry["util"],
+                         mps=cfg.mps, pct=cfg.pct, path=str(self.gpu.registry.path))
+        return True
 
     def _on_signal(self, sig: int) -> None:
         ignored = sig == signal.SIGTERM and fakeutil.knob_bool(
@@ -270,6 +304,9 @@ class ApiServer:
             sys.executable, str(HERE / "fake_engine_core.py"), str(self.args.port),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.ev.emit("engine_core_start", core_pid=self.core.pid)
+        if self.gpu is not None:  # an orphaned EngineCore keeps holding the memory
+            with contextlib.suppress(OSError):
+                self.gpu.registry.write(core_pid=self.core.pid)
         self._spawn(self._watch_core(self.core))
         assert self.core.stdout is not None
         line_task = self._spawn(self.core.stdout.readline())

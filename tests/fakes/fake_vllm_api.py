@@ -91,8 +91,16 @@ def _prompt_tokens(data: dict[str, object], kind: str) -> int:
         raise ApiError(400, "Either prompt or prompt_embeds must be provided and non-empty. "
                        "(parameter=prompt)", "BadRequestError", "prompt")
     if isinstance(prompt, list):
+        if all(_is_token_ids(p) for p in prompt):
+            return len(prompt)  # token ids, as vLLM accepts them: exact
+        if all(isinstance(p, list) and p and all(_is_token_ids(t) for t in p) for p in prompt):
+            return sum(len(p) for p in prompt)  # a batch of token-id prompts
         return sum(_count(str(p)) for p in prompt)
     return _count(str(prompt))
+
+
+def _is_token_ids(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
 
 
 def parse_params(data: dict[str, object], kind: str, st: State) -> Params:

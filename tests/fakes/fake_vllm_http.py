@@ -5,6 +5,9 @@ samples of vllm.md section 10/11 (error shapes, SSE framing, ``[DONE]``, the inc
 ``finish_reason: "abort"`` and the in-stream error event) and must stay fast enough for proxy
 benchmarks: SSE chunks are assembled from pre-encoded byte pieces, and with no token delay the
 tokens of a stream are written in batches of frames (still one SSE event per token).
+
+With the shared-GPU model on (``FAKE_GPU_DIR``, fake_gpu.py) a running request joins its engine's
+step clock (fake_gpu_clock.py) instead: streamed or not, N output tokens take N steps.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from tests.fakes import fakeutil
+from tests.fakes.fake_gpu_clock import Slot, StepClock
 from tests.fakes.fake_vllm_api import (
     DONE,
     VERSION,
@@ -42,13 +46,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Req:
     """One in-flight generation; ``end`` is set by shutdown/death before its task is cancelled."""
 
-    __slots__ = ("end", "produced", "rid", "task")
+    __slots__ = ("end", "produced", "rid", "slot", "task")
 
     def __init__(self, rid: str) -> None:
         self.rid = rid
         self.task = asyncio.current_task()
         self.end: str | None = None
         self.produced = 0
+        self.slot: Slot | None = None  # its place in the shared-GPU batch (FAKE_GPU_DIR)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class State:
     ev: fakeutil.EventLog
     engine_name: str
     on_busy: Callable[[bool], None] = lambda busy: None
+    gpu: StepClock | None = None  # FAKE_GPU_DIR: tokens come from the shared-GPU step clock
     dead: bool = False
     unhealthy: bool = False
     hang: bool = False
@@ -106,6 +112,11 @@ class State:
                     req.task.cancel()
         return len(self.inflight)
 
+    @property
+    def paced(self) -> bool:
+        """Whether tokens wait for a clock (else a stream is written in batches of frames)."""
+        return self.token_delay > 0 or self.hang or self.gpu is not None
+
     def next_rid(self, prefix: str) -> str:
         self.seq += 1
         return f"{prefix}-{os.getpid():x}{self.seq:012x}"
@@ -143,14 +154,18 @@ async def _body(request: web.Request) -> dict[str, object]:
     return data
 
 
-async def _pace(st: State, last: float) -> float:
+async def _pace(st: State, last: float, slot: Slot | None = None) -> float:
     """Wait for the next token (forever while hung); returns the token's scheduled time.
 
     Tokens are scheduled on a fixed grid (``last + delay``) so that write overhead does not
     stretch the advertised rate; after a stall (hang, slow client) the grid restarts at now.
+    With the shared-GPU model (``slot``) the engine's step clock makes the tokens instead.
     """
     if st.hang:
         await st.never.wait()
+    if slot is not None and st.gpu is not None:
+        await st.gpu.token(slot)
+        return last
     delay = st.token_delay
     if delay <= 0:
         return last
@@ -280,9 +295,13 @@ async def _acquire(st: State, req: Req, params: Params) -> None:
     st.running += 1
     st.kv_tokens += params.prompt_tokens + params.max_tokens
     st.prompt_tokens += params.prompt_tokens
+    if st.gpu is not None:
+        req.slot = st.gpu.join(params.prompt_tokens, params.max_tokens)
 
 
-def _release(st: State, params: Params) -> None:
+def _release(st: State, req: Req, params: Params) -> None:
+    if st.gpu is not None and req.slot is not None:
+        st.gpu.leave(req.slot)
     st.running -= 1
     st.kv_tokens -= params.prompt_tokens + params.max_tokens
     st.sem.release()
@@ -312,8 +331,8 @@ async def _stream(request: web.Request, st: State, req: Req, params: Params,
         prefix, mids, size = pieces.prefix, pieces.mids, len(VOCAB)
         tick = asyncio.get_running_loop().time()
         while req.produced < n - 1:
-            if st.token_delay > 0 or st.hang:
-                tick = await _pace(st, tick)
+            if st.paced:
+                tick = await _pace(st, tick, req.slot)
                 await resp.write(prefix + mids[(seed + req.produced) % size])
                 req.produced += 1
             else:
@@ -322,7 +341,7 @@ async def _stream(request: web.Request, st: State, req: Req, params: Params,
                 await resp.write(b"".join([prefix + mids[(base + j) % size] for j in range(k)]))
                 req.produced += k
                 await asyncio.sleep(0)
-        await _pace(st, tick)
+        await _pace(st, tick, req.slot)
         tail = prefix + pieces.last[(seed + n - 1) % size]
         req.produced = n
         await resp.write(tail + pieces.usage(n) + DONE)
@@ -341,7 +360,7 @@ async def _stream(request: web.Request, st: State, req: Req, params: Params,
         _finished(st, req, req.end)
     finally:
         if acquired:
-            _release(st, params)
+            _release(st, req, params)
     return resp
 
 
@@ -352,10 +371,10 @@ async def _full(st: State, req: Req, params: Params, chat: bool) -> web.StreamRe
     try:
         await _acquire(st, req, params)
         acquired = True
-        if st.token_delay > 0 or st.hang:
+        if st.paced:
             tick = asyncio.get_running_loop().time()
             while req.produced < params.max_tokens:
-                tick = await _pace(st, tick)
+                tick = await _pace(st, tick, req.slot)
                 req.produced += 1
         req.produced = params.max_tokens
     except asyncio.CancelledError:
@@ -365,7 +384,7 @@ async def _full(st: State, req: Req, params: Params, chat: bool) -> web.StreamRe
         reason = req.end
     finally:
         if acquired:
-            _release(st, params)
+            _release(st, req, params)
     _finished(st, req, reason)
     if reason == "error":
         return _error(st, ApiError(500, ENGINE_DEAD, "InternalServerError", None))
