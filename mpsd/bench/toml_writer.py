@@ -25,7 +25,7 @@ def value(item: Any) -> str:
             raise ValueError(f"TOML config values must be finite (got {item})")
         return repr(item)
     if isinstance(item, str):
-        return json.dumps(item)  # a JSON string is a TOML basic string
+        return _string(item)
     if isinstance(item, list | tuple):
         return "[" + ", ".join(value(v) for v in item) + "]"
     if isinstance(item, Mapping):
@@ -33,9 +33,15 @@ def value(item: Any) -> str:
     raise TypeError(f"cannot write {type(item).__name__} as TOML")
 
 
+def _string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, except that TOML wants characters beyond
+    the BMP as themselves (not surrogate pairs) and DEL escaped."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def key(name: str) -> str:
     bare = name.replace("_", "").replace("-", "").isalnum() and name.isascii()
-    return name if bare else json.dumps(name)
+    return name if bare else _string(name)
 
 
 def _is_table_array(item: Any) -> bool:
