@@ -22,7 +22,7 @@ from typing import Any
 from mpsd.bench import loadgen
 from mpsd.bench.progress import Progress
 from mpsd.bench.stats import summarize
-from mpsd.bench.target import Snapshot, cpu_seconds
+from mpsd.bench.target import Snapshot, cpu_seconds, vocab_size
 from mpsd.bench.workloads import Workload
 
 ARMS = ("direct1", "mpsd", "client")
@@ -108,6 +108,7 @@ def measure(snap: Snapshot, model: str, plan: Plan, progress: Progress,
     """Every repeat x workload x arm, interleaved; one row per run, also given to ``emit``."""
     urls = arm_urls(snap, model)
     engines = sum(1 for e in snap.engines if e.model == model)
+    vocab = vocab_size(urls["direct1"][0], model)
     rows: list[Row] = []
     seq = 0
     for repeat in range(plan.repeats):
@@ -118,7 +119,7 @@ def measure(snap: Snapshot, model: str, plan: Plan, progress: Progress,
                 spec = loadgen.LoadSpec(
                     urls[arm], model, workload, plan.warmup_s, plan.duration_s,
                     plan.num_requests, plan.procs, plan.cpus, seed=repeat * 100 + seq,
-                    api_key=plan.api_key)
+                    api_key=plan.api_key, vocab_size=vocab)
                 before = cpu_seconds(snap.pid) if snap.pid is not None else None
                 t0 = time.monotonic()
                 result = loadgen.run(spec)

@@ -13,9 +13,10 @@ Two loops:
 - open: Poisson arrivals at ``rate`` requests/s, at most ``concurrency`` in flight (the rest wait,
   as in ``vllm bench serve --request-rate R --max-concurrency C``).
 
-Two extents: a time window (``warmup_s`` then ``duration_s``: requests that *end* inside the
-window count, so a run measures a steady state), or ``num_requests`` sent in all (measured from
-the first send to the last end, as ``vllm bench serve`` does).
+Two extents: a time window (``warmup_s`` then ``duration_s``; the tokens generated inside the
+window count, so a run measures a steady state; requests in flight at its end finish before the
+run returns), or ``num_requests`` sent in all (measured from the first send to the last end, as
+``vllm bench serve`` does).
 
 Each request records when it was sent, its first token (streams), its end, the gaps between
 tokens, and prompt and output tokens from the answer's ``usage`` (streams ask for it with
@@ -41,6 +42,8 @@ from mpsd.bench.workloads import Prompt, Workload
 
 #: Gaps between tokens kept per request: enough for p99, bounded memory on long answers.
 MAX_GAPS = 512
+#: After a time window, requests still in flight get this long to finish.
+DRAIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class LoadSpec:
     seed: int = 0
     api_key: str = ""
     timeout_s: float = 600.0
+    vocab_size: int = 0  # the model's, so that random prompt token ids exist (0: unknown)
 
 
 @dataclass
@@ -172,7 +176,8 @@ class _Client:
         self.turn = 0
         self.outcomes: list[Outcome] = []
         pool = self.budget if self.budget >= 0 else 4 * self.users
-        self.prompts = self.workload.sample(max(1, min(pool, 4096)), spec.seed * 1000 + index)
+        self.prompts = self.workload.sample(max(1, min(pool, 4096)), spec.seed * 1000 + index,
+                                            spec.vocab_size)
         self.next_prompt = 0
         headers = {"Content-Type": "application/json"}
         if spec.api_key:
@@ -187,11 +192,11 @@ class _Client:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.sleep(max(0.0, self.t_start - time.time()))
             loop = self._open(session) if self.rate > 0 else self._closed(session)
-            if self.spec.num_requests:
-                await loop
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(loop, max(0.0, self.t_end - time.time()))
+            # after the window no request is sent; those in flight finish (within DRAIN_S),
+            # so that the tokens they generated inside the window are known
+            limit = None if self.spec.num_requests else self.t_end - time.time() + DRAIN_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loop, limit)
         return self.outcomes
 
     def _take(self) -> Prompt | None:

@@ -78,6 +78,9 @@ def table(rows: Sequence[Row]) -> str:
                 f"{f'{tput.low:,.0f}-{tput.high:,.0f}':>17} {rps:>8.1f} "
                 f"{_ms(ttft[0]) + '/' + _ms(ttft[1]):>16} {_ms(itl[0]) + '/' + _ms(itl[1]):>15} "
                 f"{errors:>6} {'-' if not cpu.n else f'{cpu.median:.2f}':>8}")
+        samples = sorted({e for r in items for e in r.get("error_samples", [])})[:3]
+        if samples:
+            out.append(f"  errors, e.g.: {'; '.join(samples)}")
         for arm, base in (("mpsd", "direct1"), ("client", "direct1"), ("mpsd", "client")):
             found = gains(items, arm, base)
             if found is not None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mpsd.bench.loadgen import RunResult
+from mpsd.bench.loadgen import Outcome, RunResult
 
 #: The metrics a run reports, in table order.
 METRICS = ("output_tok_per_s", "total_tok_per_s", "req_per_s", "ttft_p50_s", "ttft_p99_s",
@@ -33,12 +33,26 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
 
 
+def _in_window(outcome: Outcome, w0: float, w1: float) -> float:
+    """Output tokens of one request generated inside [w0, w1): spread evenly from its first
+    token to its end. Counting whole requests by their end instead quantizes: closed-loop
+    clients of equal requests finish in waves, and a window holds 2 or 3 waves, not 2.5."""
+    if outcome.end <= outcome.first:
+        return float(outcome.output_tokens) if w0 <= outcome.end < w1 else 0.0
+    overlap = min(outcome.end, w1) - max(outcome.first, w0)
+    return outcome.output_tokens * max(0.0, overlap) / (outcome.end - outcome.first)
+
+
 def summarize(result: RunResult) -> dict[str, Any]:
-    """One run's throughput and latencies over its window; errors counted over the whole run."""
+    """One run over its window: tokens generated inside it (prompt tokens count when their
+    prefill ended, i.e. at the first token), requests that ended inside it, their latencies;
+    errors are counted over the whole run."""
+    w0, w1 = result.window
+    seconds = max(1e-9, w1 - w0)
+    ok = [o for o in result.outcomes if o.ok]
     counted = [o for o in result.counted if o.ok]
-    seconds = max(1e-9, result.window[1] - result.window[0])
-    prompt = sum(o.prompt_tokens for o in counted)
-    output = sum(o.output_tokens for o in counted)
+    prompt = sum(o.prompt_tokens for o in ok if w0 <= o.first < w1)
+    output = sum(_in_window(o, w0, w1) for o in ok)
     gaps = [g for o in counted for g in o.gaps]
     failed = [o for o in result.outcomes if not o.ok]
     return {
@@ -48,7 +62,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "output_tok_per_s": output / seconds,
         "total_tok_per_s": (prompt + output) / seconds,
         "prompt_tokens": prompt,
-        "output_tokens": output,
+        "output_tokens": round(output),
         "ttft_p50_s": percentile([o.first - o.sent for o in counted], 50),
         "ttft_p99_s": percentile([o.first - o.sent for o in counted], 99),
         "itl_p50_s": percentile(gaps, 50),

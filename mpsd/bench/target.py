@@ -83,6 +83,19 @@ def snapshot(url: str) -> Snapshot:
                     bool(status.get("mps", {}).get("enabled")), engines, failed)
 
 
+def vocab_size(engine_url: str, model: str) -> int:
+    """The model's vocabulary size from the ``config.json`` beside the engine's weights (vLLM's
+    ``/v1/models`` names the folder as ``root``); 0 when the engine or the file says nothing."""
+    try:
+        with urllib.request.urlopen(f"{engine_url}/v1/models", timeout=5) as resp:
+            models = json.loads(resp.read()).get("data", [])
+        root = next((m.get("root") for m in models if m.get("id") == model), None)
+        config = json.loads((Path(str(root)) / "config.json").read_text()) if root else {}
+        return int(config.get("vocab_size", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -33,6 +33,7 @@ from mpsd.bench.target import TargetError, Temporary, load_document
 from mpsd.bench.workloads import Workload
 from mpsd.config import MAX_TOTAL_MEMORY_SHARE, EngineConfig, parse_config, parse_size
 from mpsd.errors import ConfigError, ExitCode
+from mpsd.plan.cpus import cpu_list
 
 Row = dict[str, Any]
 #: Until the first engine start is measured: seconds one engine takes to become ready.
@@ -101,6 +102,7 @@ class Tuner:
         self.stages: list[Stage] = []
         self.rows: list[Row] = []  # the stage rows, for the plot
         self.warned = False
+        self.engine_cpus = engine_cpu_lists(arms.daemon_cores(), args.max_engines)
         self.plan = arms.Plan(chosen, ("direct1", "mpsd"), args.repeats, args.warmup,
                               args.duration, args.num_requests)
 
@@ -113,6 +115,8 @@ class Tuner:
     def document(self, setup: search.Setup) -> dict[str, Any]:
         engine = {**self.template, "replicas": setup.engines,
                   "active_thread_percentage": setup.threads}
+        if self.engine_cpus:
+            engine["cpu_affinity"] = self.engine_cpus[:setup.engines]
         doc = {k: v for k, v in self.base.items() if k != "gpu"}
         doc["mps"] = {**doc.get("mps", {}), "enabled": "on" if setup.mps else "off"}
         doc["gpu"] = [{"device": self.args.gpu, "engine": [engine]}]
@@ -190,12 +194,29 @@ class Tuner:
         return snap
 
     def _stop(self) -> None:
-        if self.temp is not None:
+        if self.temp is not None and self.current is not None:
+            keep = None
+            if self.args.jsonl is not None:
+                name = self.current.text().replace(", ", "-").replace(" ", "").replace("%", "")
+                keep = self.args.jsonl.with_name(f"{self.args.jsonl.stem}.{name}.mpsd.log")
+            self.temp.stop(keep_log=keep)
+        elif self.temp is not None:
             self.temp.stop()
         self.temp, self.current = None, None
 
     def close(self) -> None:
         self._stop()
+
+
+def engine_cpu_lists(cores: tuple[int, ...], engines: int) -> list[str]:
+    """Fixed, disjoint cores for engine 1..``engines``, after one for mpsd's proxy: an engine
+    keeps its cores at every stage (the one-engine arm is the same engine on the same cores
+    each time), and a reload that adds an engine leaves the others running. Empty when there
+    are not enough cores for that (mpsd's own placement then decides)."""
+    per = (len(cores) - 1) // engines
+    if per < 1:
+        return []
+    return [cpu_list(cores[1 + i * per:1 + (i + 1) * per]) for i in range(engines)]
 
 
 def _gain(rows: list[Row], metric: str) -> Gain:

@@ -15,8 +15,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 #: Token ids are drawn from this range: ordinary BPE tokens in every Qwen/Llama-sized vocabulary
-#: (and far from the special tokens at either end).
+#: (and far from the special tokens at either end); smaller vocabularies shrink it.
 TOKEN_IDS = (1000, 30000)
+
+
+def token_range(vocab_size: int) -> tuple[int, int]:
+    """Where random prompt token ids come from for a model with ``vocab_size`` tokens (0:
+    unknown, the default range)."""
+    if vocab_size <= 0:
+        return TOKEN_IDS
+    high = min(TOKEN_IDS[1], vocab_size - 1)
+    return min(TOKEN_IDS[0], high // 4), high
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,12 @@ class Workload:
             f"{self.input_len} in / {self.output_len} out"
         return f"{self.name}: {size}, {loop}, {'stream' if self.stream else 'no stream'}"
 
-    def sample(self, count: int, seed: int) -> list[Prompt]:
+    def sample(self, count: int, seed: int, vocab_size: int = 0) -> list[Prompt]:
         """``count`` prompts: the workload's own (cycled), else random token ids."""
         if self.prompts:
             return [self.prompts[i % len(self.prompts)] for i in range(count)]
         rng = random.Random(seed)
-        low, high = TOKEN_IDS
+        low, high = token_range(vocab_size)
         return [Prompt([rng.randrange(low, high) for _ in range(self.input_len)], None,
                        self.output_len) for _ in range(count)]
 
