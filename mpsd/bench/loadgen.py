@@ -77,6 +77,7 @@ class Outcome:
     target: int  # index into LoadSpec.urls
     error: str = ""
     gaps: list[float] = field(default_factory=list)
+    streamed: bool = False  # token times known from the first token on
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,6 @@ class _Client:
         self.inflight = [0] * len(spec.urls)
         self.turn = 0
         self.outcomes: list[Outcome] = []
-        pool = self.budget if self.budget >= 0 else 4 * self.users
-        self.prompts = self.workload.sample(max(1, min(pool, 4096)), spec.seed * 1000 + index,
-                                            spec.vocab_size)
         self.next_prompt = 0
         headers = {"Content-Type": "application/json"}
         if spec.api_key:
@@ -205,7 +203,9 @@ class _Client:
             return None
         if self.budget > 0:
             self.budget -= 1
-        prompt = self.prompts[self.next_prompt % len(self.prompts)]
+        # a fresh random prompt every time: a repeated one would hit the prefix cache and skip
+        # its prefill (the operator's own prompts are cycled, as given)
+        prompt = self.workload.prompt(self.next_prompt, self.rng, self.spec.vocab_size)
         self.next_prompt += 1
         return prompt
 
@@ -297,6 +297,7 @@ async def _read_stream(resp: Any, outcome: Outcome) -> None:
     """SSE events: the first content event is the first token; ``usage`` gives the counts."""
     last = 0.0
     events = 0
+    outcome.streamed = True
     async for line in resp.content:
         if not line.startswith(b"data: "):
             continue

@@ -35,12 +35,14 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 def _in_window(outcome: Outcome, w0: float, w1: float) -> float:
     """Output tokens of one request generated inside [w0, w1): spread evenly from its first
-    token to its end. Counting whole requests by their end instead quantizes: closed-loop
-    clients of equal requests finish in waves, and a window holds 2 or 3 waves, not 2.5."""
-    if outcome.end <= outcome.first:
+    token (a stream) or its sending (an answer that comes whole) to its end. Counting whole
+    requests by their end instead quantizes: closed-loop clients of equal requests finish in
+    waves, and a window holds 2 or 3 waves, not 2.5."""
+    start = outcome.first if outcome.streamed else outcome.sent
+    if outcome.end <= start:
         return float(outcome.output_tokens) if w0 <= outcome.end < w1 else 0.0
-    overlap = min(outcome.end, w1) - max(outcome.first, w0)
-    return outcome.output_tokens * max(0.0, overlap) / (outcome.end - outcome.first)
+    overlap = min(outcome.end, w1) - max(start, w0)
+    return outcome.output_tokens * max(0.0, overlap) / (outcome.end - start)
 
 
 def summarize(result: RunResult) -> dict[str, Any]:

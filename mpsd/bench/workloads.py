@@ -66,14 +66,14 @@ class Workload:
             f"{self.input_len} in / {self.output_len} out"
         return f"{self.name}: {size}, {loop}, {'stream' if self.stream else 'no stream'}"
 
-    def sample(self, count: int, seed: int, vocab_size: int = 0) -> list[Prompt]:
-        """``count`` prompts: the workload's own (cycled), else random token ids."""
+    def prompt(self, number: int, rng: random.Random, vocab_size: int = 0) -> Prompt:
+        """The ``number``-th prompt of a run: the workload's own (cycled), else random token
+        ids drawn from ``rng`` (never the same twice, so no prefix-cache hits)."""
         if self.prompts:
-            return [self.prompts[i % len(self.prompts)] for i in range(count)]
-        rng = random.Random(seed)
+            return self.prompts[number % len(self.prompts)]
         low, high = token_range(vocab_size)
-        return [Prompt([rng.randrange(low, high) for _ in range(self.input_len)], None,
-                       self.output_len) for _ in range(count)]
+        return Prompt([rng.randrange(low, high) for _ in range(self.input_len)], None,
+                      self.output_len)
 
 
 BUILTIN: dict[str, Workload] = {w.name: w for w in (
