@@ -26,6 +26,9 @@ FORBIDDEN: dict[str, frozenset[str]] = {
                           "control"}),
     "status": frozenset({"config", "plan", "host", "pool", "supervise", "proxy", "observe",
                          "control"}),
+    # bench drives a daemon from outside, as an operator does: HTTP, a child process, the
+    # control socket's client; never the daemon's insides
+    "bench": frozenset({"supervise", "proxy", "observe", "pool", "backend", "daemon"}),
 }
 COMPOSERS = frozenset({"daemon", "cli", "__main__"})
 
