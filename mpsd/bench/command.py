@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, file: str) -> int:
         return ExitCode.USAGE
     progress = Progress(0.0)
     try:
-        with _target(args, file, progress) as snap, _jsonl(args.jsonl) as sink:
+        with _target(args, file, progress) as snap, report.jsonl_sink(args.jsonl) as sink:
             model = pick_model(snap, args.model)
             cores = arms.loadgen_cores(snap)
             if cores.warning:
@@ -170,15 +170,6 @@ def run(args: argparse.Namespace, file: str) -> int:
 def _cpus(cpus: tuple[int, ...]) -> str:
     return ",".join(map(str, cpus)) if len(cpus) <= 8 else f"{cpus[0]}..{cpus[-1]} " \
         f"({len(cpus)})"
-
-
-@contextlib.contextmanager
-def _jsonl(path: Path | None) -> Iterator[IO[str] | None]:
-    if path is None:
-        yield None
-        return
-    with path.open("w") as out:
-        yield out
 
 
 def _emit(sink: IO[str] | None, row: Row) -> None:

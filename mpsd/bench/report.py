@@ -4,16 +4,27 @@ the rows as JSON lines, and a PNG plot when matplotlib is installed (``pip insta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from mpsd.bench.stats import Gain, Spread, gain
 
 Row = dict[str, Any]
+
+
+@contextlib.contextmanager
+def jsonl_sink(path: Path | None) -> Iterator[IO[str] | None]:
+    """The file ``--jsonl`` names, open for the run's rows; None when none was named."""
+    if path is None:
+        yield None
+        return
+    with path.open("w") as out:
+        yield out
 
 
 def write_jsonl(rows: Iterable[Row], out: IO[str]) -> None:

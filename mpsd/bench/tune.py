@@ -12,14 +12,12 @@ skipped and said so, and the recommendation uses what was measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -389,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     progress.note(f"memory: {memory_text}")
     if limit < args.max_engines:
         progress.note(f"at most {limit} engines fit; trying up to {limit}")
-    with _sink(args.jsonl) as sink:
+    with report.jsonl_sink(args.jsonl) as sink:
         tuner = Tuner(args, base, template, chosen, progress, sink)
         setups = search.sweep_setups(limit, modes, threads)
         progress.planned_left = sum(tuner.plan.total_seconds() for _ in setups)
@@ -411,15 +409,6 @@ def run(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-@contextlib.contextmanager
-def _sink(path: Path | None) -> Iterator[IO[str] | None]:
-    if path is None:
-        yield None
-        return
-    with path.open("w") as out:
-        yield out
-
-
 def _report(args: argparse.Namespace, tuner: Tuner, rec: search.Recommendation,
             order: list[search.Setup], memory_text: str, chosen: tuple[Workload, ...],
             template: dict[str, Any]) -> None:
@@ -431,6 +420,9 @@ def _report(args: argparse.Namespace, tuner: Tuner, rec: search.Recommendation,
         g = stage.score.gain
         print(f"{stage.setup.text():<34} {g.text():<28} {stage.score.throughput:>12,.0f}  "
               f"{g.why}")
+        if len(stage.per_workload) > 1:  # the combined gain is their geometric mean
+            for name, each in stage.per_workload.items():
+                print(f"  {name:<32} {each.text():<28} {'':>12}  {each.why}")
     if args.sweep:
         print(f"\nthe search alone would have measured: "
               f"{', '.join(s.text() for s in order) or 'nothing'}")

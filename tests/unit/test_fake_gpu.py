@@ -16,7 +16,6 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,13 +179,6 @@ def test_step_clock_gives_every_running_request_one_token_per_step(tmp_path: Pat
 # -- real fake engines -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def rig(workdir: Path) -> Iterator[Rig]:
-    r = Rig(workdir)
-    try:
-        yield r
-    finally:
-        r.cleanup()
 
 
 def decode_rate(port: int, tokens: int, out: dict[int, float] | None = None) -> float:

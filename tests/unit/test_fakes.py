@@ -17,11 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.harness import free_ports, wait_until
 
@@ -151,13 +149,6 @@ class Rig:
             wait_until(_gone(pid), 5, f"pid {pid} gone")
 
 
-@pytest.fixture
-def rig(workdir: Path) -> Iterator[Rig]:
-    r = Rig(workdir)
-    try:
-        yield r
-    finally:
-        r.cleanup()
 
 
 def server_of(rig: Rig) -> str:
