@@ -24,6 +24,8 @@ from typing import Any
 
 import anyio
 
+from mpsd.bench import toml_writer
+
 REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"
 FAKE_MPS = FAKES / "nvidia-cuda-mps-control"
@@ -94,35 +96,9 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10.0,
         return exc.code, dict(exc.headers), exc.read()
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
 def render_toml(doc: dict[str, Any]) -> str:
-    """Just enough TOML for mpsd's config: tables, arrays of tables one level deep."""
-    lines: list[str] = []
-    for section, body in doc.items():
-        if section == "gpu":
-            for gpu in body:
-                lines.append("[[gpu]]")
-                for key, value in gpu.items():
-                    if key != "engine":
-                        lines.append(f"{key} = {toml_value(value)}")
-                for engine in gpu["engine"]:
-                    lines.append("[[gpu.engine]]")
-                    lines.extend(f"{k} = {toml_value(v)}" for k, v in engine.items())
-            continue
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in body.items())
-    return "\n".join(lines) + "\n"
+    """A config as mpsd's own TOML writer (the one bench and tune use) writes it."""
+    return toml_writer.dumps(doc)
 
 
 @dataclass
