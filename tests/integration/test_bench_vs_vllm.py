@@ -1,14 +1,17 @@
 """``mpsd bench``'s load generator agrees with vLLM's own ``vllm bench serve`` (vLLM for CPU).
 
 One real vLLM engine (tiny random-weights model), started directly on the first core; both
-clients on the last core. Against it, three side-by-side pairs of runs (vllm, mpsd, mpsd, vllm,
-vllm, mpsd) of the same shape: random text prompts of ``INPUT_LEN`` tokens, exactly
-``OUTPUT_LEN`` output tokens (``ignore_eos``), ``CONCURRENCY`` users, ``NUM_REQUESTS``
-requests, streamed completions, measured from the first send to the last end. Output-token
-and request throughput, mean ITL and TPOT must agree within 10 % (the median over the pairs of
-mpsd/vllm; seen: 0.94-1.06), median TTFT within 20 %: it is ~30 ms (one engine step and
-tokenizing a wave of 8 prompts) and moves by +-10 % from one run to the next within either tool
-(seen: 0.82-1.14; with 64 output tokens and twice the requests, no better).
+clients on the last core. Against it, after one unmeasured run of each tool, ``PAIRS``
+side-by-side pairs of runs (vllm, mpsd, mpsd, vllm, ...) of the same shape: random text prompts
+of ``INPUT_LEN`` tokens, exactly ``OUTPUT_LEN`` output tokens (``ignore_eos``), ``CONCURRENCY``
+users, ``NUM_REQUESTS`` requests, streamed completions, measured from the first send to the
+last end. Output-token and request throughput, mean ITL and TPOT must agree within 10 %, as the
+median over the pairs of mpsd/vllm. Median and mean TTFT are held to 25 %: they are 20-35 ms
+(one engine step and tokenizing a wave of 8 prompts) and move by up to +-20 % from one run to
+the next within either tool.
+
+Seen on the 2-core VM, 3 pairs per test, 12 tests: throughput 0.96-1.09, ITL and TPOT 0.92-1.06,
+median TTFT 0.82-1.25, mean TTFT 0.88-1.06. Hence 5 pairs.
 
 Every run gets prompts of its own (different seeds): vLLM caches prefixes, and a run repeating
 the last run's prompts would skip their prefill.
@@ -43,6 +46,7 @@ INPUT_LEN = 64
 OUTPUT_LEN = 128
 CONCURRENCY = 8
 NUM_REQUESTS = 96
+PAIRS = 5
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
        "DO_NOT_TRACK": "1", "VLLM_TARGET_DEVICE": "cpu"}
@@ -134,7 +138,8 @@ def _mean_itl_tpot(result: RunResult) -> dict[str, float]:
     ok = [o for o in result.counted if o.ok]
     gaps = [g for o in ok for g in o.gaps]
     tpots = [(o.end - o.first) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
-    return {"mean_itl_ms": statistics.fmean(gaps) * 1000 if gaps else math.nan,
+    return {"mean_ttft_ms": statistics.fmean(o.first - o.sent for o in ok) * 1000,
+            "mean_itl_ms": statistics.fmean(gaps) * 1000 if gaps else math.nan,
             "mean_tpot_ms": statistics.fmean(tpots) * 1000 if tpots else math.nan}
 
 
@@ -158,18 +163,19 @@ def _vllm_run(port: int, seed: int, out: Path) -> dict[str, Any]:
     assert res["total_output_tokens"] == NUM_REQUESTS * OUTPUT_LEN, res
     return {"tool": "vllm", "req_per_s": res["request_throughput"],
             "output_tok_per_s": res["output_throughput"], "ttft_p50_ms": res["median_ttft_ms"],
+            "mean_ttft_ms": res["mean_ttft_ms"],
             "mean_itl_ms": res["mean_itl_ms"], "mean_tpot_ms": res["mean_tpot_ms"]}
 
 
-COLUMNS = ("output_tok_per_s", "req_per_s", "ttft_p50_ms", "mean_itl_ms", "mean_tpot_ms")
-TIMED = ("mean_itl_ms", "mean_tpot_ms")
+COLUMNS = ("output_tok_per_s", "req_per_s", "ttft_p50_ms", "mean_ttft_ms", "mean_itl_ms",
+           "mean_tpot_ms")
 
 
 def _table(rows: list[dict[str, Any]], ratios: dict[str, float]) -> str:
-    lines = [f"{'run':<10}" + "".join(f"{c:>18}" for c in COLUMNS)]
+    lines = [f"{'run':<10}" + "".join(f"{c:>17}" for c in COLUMNS)]
     for i, row in enumerate(rows, 1):
-        lines.append(f"{i} {row['tool']:<8}" + "".join(f"{row[c]:>18.2f}" for c in COLUMNS))
-    lines.append(f"{'mpsd/vllm':<10}" + "".join(f"{ratios[c]:>18.3f}" for c in COLUMNS))
+        lines.append(f"{i} {row['tool']:<8}" + "".join(f"{row[c]:>17.2f}" for c in COLUMNS))
+    lines.append(f"{'mpsd/vllm':<10}" + "".join(f"{ratios[c]:>17.3f}" for c in COLUMNS))
     return "\n".join(lines)
 
 
@@ -188,9 +194,11 @@ def test_mpsd_bench_agrees_with_vllm_bench_serve(workdir: Path) -> None:
             start_new_session=True, cwd=workdir)
     try:
         wait_until(lambda: _healthy(url, server, log), 240, "vllm serve /health")
-        _mpsd_run(url, seed=99, count=2 * CONCURRENCY)  # warm-up, not measured
+        # warm-up, not measured: the first full run after start is slower (TTFT +30 %)
+        _mpsd_run(url, seed=99, count=2 * CONCURRENCY)
+        _vllm_run(port, 98, workdir)
         rows = []
-        for seed, tool in enumerate("vmmvvm", 1):  # A B B A A B: drift hits both alike
+        for seed, tool in enumerate("vmmv" * (PAIRS // 2) + "vm" * (PAIRS % 2), 1):
             rows.append(_vllm_run(port, seed, workdir) if tool == "v" else _mpsd_run(url, seed))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -202,10 +210,10 @@ def test_mpsd_bench_agrees_with_vllm_bench_serve(workdir: Path) -> None:
 
     ratios = {c: _paired_ratio(rows, c) for c in COLUMNS}
     print(f"\n{INPUT_LEN} in / {OUTPUT_LEN} out, concurrency {CONCURRENCY}, "
-          f"{NUM_REQUESTS} requests per run; mpsd/vllm: median of the 3 side-by-side pairs\n"
+          f"{NUM_REQUESTS} requests per run; mpsd/vllm: median of the {PAIRS} side-by-side pairs\n"
           + _table(rows, ratios))
     for column in COLUMNS:
-        slack = 0.2 if column == "ttft_p50_ms" else 0.1
+        slack = 0.25 if "ttft" in column else 0.1
         assert 1 - slack <= ratios[column] <= 1 + slack, (column, ratios[column])
 
 
