@@ -59,15 +59,18 @@ def read_jsonl(path: Path) -> list[Event]:
     return out
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
+               what: str | Callable[[], str] = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout
+    (a callable is asked then, so that it can show what happened while waiting)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}")
         time.sleep(0.02)
 
 
@@ -196,7 +199,7 @@ class Mpsd:
         self._check_alive_or(event)
         found: list[Event] = wait_until(
             lambda: len(self.events(event, **match)) >= count and self.events(event, **match),
-            timeout, f"{count}x log event {event} {match}\n{self.tail()}")
+            timeout, lambda: f"{count}x log event {event} {match}\n{self.tail()}")
         return found
 
     def _check_alive_or(self, what: str) -> None:
@@ -221,7 +224,7 @@ class Mpsd:
     def wait_state(self, gpu: str, state: str, timeout: float = 45.0, after: int = 0) -> None:
         """Until ``gpu`` entered ``state`` at least ``after + 1`` times in total."""
         wait_until(lambda: len(self.events("group_state", gpu=gpu, to=state)) > after,
-                   timeout, f"{gpu} -> {state} (#{after + 1})\n{self.tail()}")
+                   timeout, lambda: f"{gpu} -> {state} (#{after + 1})\n{self.tail()}")
 
     def engine_pids(self, gpu: str = "gpu0") -> dict[str, int]:
         """Current engine PIDs from the last ``process_started`` event of each engine."""

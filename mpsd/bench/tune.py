@@ -59,7 +59,9 @@ def add_parser(sub: Any) -> None:
     add_load_arguments(tune)
     tune.set_defaults(repeats=3, warmup=3.0, duration=8.0)
     tune.add_argument("--out", type=Path, help="write the recommended block here")
-    tune.add_argument("--jsonl", type=Path, help="write every run and stage as JSON lines")
+    tune.add_argument("--jsonl", type=Path, help="write every run and stage as JSON lines; "
+                      "each private mpsd's log (engines' and MPS's output in it) is kept next "
+                      "to it")
     tune.add_argument("--plot", type=Path, help="draw gain against engines (needs mpsd[plot])")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from mpsd.config import parse_config
-from tests.harness import FAKE_MPS, FAKE_VLLM, REPO, render_toml
+from tests.harness import FAKE_MPS, FAKE_VLLM, REPO, read_jsonl, render_toml
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,6 +86,13 @@ def test_the_search_matches_the_sweeps_best_within_five_percent(workdir: Path) -
     rec = next(r for r in searched if r["kind"] == "recommendation")
     assert rec["engines"] == 2 and rec["mps"] is True, rec
     assert sweep[rec["setup"]]["throughput"] >= 0.95 * best
+
+    # each private mpsd's log stays next to the JSON lines, named after its last setup, with
+    # the engines' output in it
+    kept = {k.name: k for k in workdir.glob("search.*.mpsd.log")}
+    assert set(kept) == {"search.2engines-MPSoff.mpsd.log", "search.3engines-MPSon.mpsd.log"}
+    for log in kept.values():
+        assert any(e.get("event") == "output" for e in read_jsonl(log)), log
 
     block = (workdir / "search.toml").read_text()
     assert "# recommended: 2 engines, MPS on" in block
