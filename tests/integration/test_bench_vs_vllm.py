@@ -11,7 +11,8 @@ median over the pairs of mpsd/vllm. Median and mean TTFT are held to 25 %: they 
 the next within either tool.
 
 Seen on the 2-core VM, 3 pairs per test, 12 tests: throughput 0.96-1.09, ITL and TPOT 0.92-1.06,
-median TTFT 0.82-1.25, mean TTFT 0.88-1.06. Hence 5 pairs.
+median TTFT 0.82-1.25, mean TTFT 0.88-1.06. Hence 5 pairs; with them, 5 tests: 0.98-1.04,
+0.98-1.02, 0.89-1.17, 0.91-1.01.
 
 Every run gets prompts of its own (different seeds): vLLM caches prefixes, and a run repeating
 the last run's prompts would skip their prefill.
