@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import anyio
 
-from mpsd import __version__, logs
+from mpsd import __version__, logs, state_lock
 from mpsd.config import Config
 from mpsd.control.client import socket_path
 from mpsd.control.server import ControlServer
@@ -201,6 +201,7 @@ async def run(file: str) -> ExitCode:
     """``mpsd run``: serve until SIGTERM/SIGINT (exit 0) or until every group FAILED (1)."""
     resolved = await resolve(file)
     config, plan = resolved.config, resolved.plan
+    _owner = state_lock.acquire(config.daemon.state_dir)  # held until run() returns
     logs.setup(config.daemon.log_format, config.daemon.log_level)
     _log.info("mpsd_starting", version=__version__, config=file, pid=os.getpid(),
               groups=len(plan.groups), engines=sum(len(g.engines) for g in plan.groups))
