@@ -174,7 +174,7 @@ class BackendPool:
         backend = self._backends.get(key)
         if backend is None:
             raise KeyError(key)
-        backend.routable = False
+        backend.routable = backend.ready = False  # not readmitted by an ejection's end
         if backend.inflight == 0:
             return True
         idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
