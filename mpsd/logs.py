@@ -7,6 +7,10 @@ as ``engine | line``), ``json`` (one object per line, for files, log shippers an
 journald (``JOURNAL_STREAM``, i.e. under systemd), console on a TTY, json otherwise (output
 piped or redirected is read by programs more often than by people).
 
+Logging never takes mpsd down: a line that cannot be written (the reader of stderr went away,
+the disk under a redirected log is full) is dropped and counted (:func:`write_errors`, exported
+as ``mpsd_log_write_errors_total``), never raised into the code that logged it.
+
 An event may carry ``msg``: a sentence for people (``ready: 2/2 engines — try: curl …``). The
 console and the journal show it instead of the event name; JSON keeps both.
 
@@ -23,7 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Collection
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import structlog
 
@@ -111,6 +115,76 @@ class _ConsoleRenderer:
         return f"{line}\n{exc}" if exc else line
 
 
+class _Sink:
+    """Writes whole lines to a stream and swallows what the stream refuses (``EPIPE``,
+    ``ENOSPC``, ``EAGAIN``, a closed stream), counting each dropped line.
+
+    A stream with a file descriptor is written with ``os.write``, below Python's buffer: a
+    failed buffered write would stay in the buffer, fail again at every later flush and at exit
+    (exit status 120 instead of mpsd's own).
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.errors = 0
+        self.attach(stream)
+
+    def attach(self, stream: IO[str]) -> None:
+        """Write to ``stream`` from now on (the count goes on)."""
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (OSError, ValueError):  # io.StringIO and friends: no descriptor
+            self._fd = None
+
+    def write_line(self, text: str) -> None:
+        try:
+            if self._fd is None:
+                self._stream.write(text + "\n")
+                self._stream.flush()
+                return
+            data = memoryview((text + "\n").encode("utf-8", "replace"))
+            while data:
+                data = data[os.write(self._fd, data):]
+        except (OSError, ValueError):
+            self.errors += 1
+
+
+class _SinkLogger:
+    """structlog's logger for the sink: every level method writes one rendered line."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self._sink = sink
+
+    def msg(self, message: str) -> None:
+        self._sink.write_line(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+class _SinkHandler(logging.Handler):
+    """Standard-library records (aiohttp, asyncio) through the same sink."""
+
+    def __init__(self, sink: _Sink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # a record that cannot be formatted is dropped like a failed write
+            self._sink.errors += 1
+            return
+        self._sink.write_line(text)
+
+
+_sink = _Sink(sys.stderr)
+
+
+def write_errors() -> int:
+    """Log lines dropped since start because their stream refused them."""
+    return _sink.errors
+
+
 def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
     """Configure structlog for the whole process (call once, before any logging)."""
     concrete = resolve_format(fmt)
@@ -128,14 +202,18 @@ def setup(fmt: LogFormat = "auto", level: str = "info") -> None:
         processors += [structlog.processors.TimeStamper(fmt="%H:%M:%S"),
                        structlog.processors.format_exc_info,
                        _ConsoleRenderer(colors=_colors(sys.stderr))]
+    _sink.attach(sys.stderr)
+    logger = _SinkLogger(_sink)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *_: logger,
         cache_logger_on_first_use=False,
     )
     # aiohttp and asyncio log through the standard library: keep only their warnings.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    handler = _SinkHandler(_sink)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("aiohttp.access").disabled = True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 
@@ -108,3 +109,20 @@ def test_engine_output_demotes_the_stop_traceback_only_during_a_stop() -> None:
     assert [levels(line, "info") for line in [*block, after]] == ["debug"] * 3 + ["info"]
     assert levels(src + "something else failed", "info") == "error"
     assert levels('INFO:     127.0.0.1:1 - "GET /health HTTP/1.1" 200 OK', "info") is None
+
+
+def test_a_stream_that_refuses_writes_costs_lines_not_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipe without a reader (EPIPE) and a full disk (ENOSPC): each event is dropped and
+    counted; nothing raises."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as pipe, open("/dev/full", "w") as full:
+        for stream in (pipe, full):
+            monkeypatch.setattr(sys, "stderr", stream)
+            logs.setup("json")
+            before = logs.write_errors()
+            emit()
+            assert logs.write_errors() == before + 3
+    monkeypatch.undo()
+    logs.setup("json")  # never leave the sink on a closed descriptor
