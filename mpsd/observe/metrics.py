@@ -123,6 +123,7 @@ class Metrics:
             ["gpu", "phase"], buckets=RECOVERY_BUCKETS, registry=r)
         self._poller = Poller(pool, sampler, scrape_timeout_s)
         r.register(_PoolCollector(pool))
+        r.register(_LogWriteErrors())
         r.register(self._poller)
         self._request_children: dict[tuple[str | None, str | None, int | str],
                                      _RequestChildren] = {}
@@ -317,6 +318,19 @@ class _PoolCollector:
                                 "Per-engine in-flight cap (0 = none).")
         cap.add_metric([], float(self._pool.cap))
         yield from (ready, inflight, failures, ejected, ejections, queue, cap)
+
+
+class _LogWriteErrors:
+    """``mpsd_log_write_errors_total``: log lines dropped because stderr, the journal or a log
+    file refused them (a reader gone, a full disk), read from :mod:`mpsd.logs` at scrape time:
+    the one place such a loss can still be seen."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "mpsd_log_write_errors", "Log lines dropped because their stream refused the write "
+            "(stderr's reader gone, a full disk under a redirected log).")
+        family.add_metric([], float(logs.write_errors()))
+        yield family
 
 
 def metrics_handler(render: Callable[[], tuple[bytes, str]],
