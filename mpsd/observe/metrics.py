@@ -123,6 +123,7 @@ class Metrics:
             ["gpu", "phase"], buckets=RECOVERY_BUCKETS, registry=r)
         self._poller = Poller(pool, sampler, scrape_timeout_s)
         r.register(_PoolCollector(pool))
+        r.register(_ModelReadiness(pool))
         r.register(_LogWriteErrors())
         r.register(self._poller)
         self._request_children: dict[tuple[str | None, str | None, int | str],
@@ -330,6 +331,29 @@ class _LogWriteErrors:
             "mpsd_log_write_errors", "Log lines dropped because their stream refused the write "
             "(stderr's reader gone, a full disk under a redirected log).")
         family.add_metric([], float(logs.write_errors()))
+        yield family
+
+
+class _ModelReadiness:
+    """Routable engines per model, 0 included, for every model the pool knows.
+
+    "No engine of this model is ready" is the alert an operator wants most, and the per-engine
+    series carry no model label; a FAILED GPU keeps its engines in the pool (unroutable), so
+    its models stay here with 0 rather than vanishing from the scrape.
+    """
+
+    def __init__(self, pool: BackendPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("mpsd_model_ready_engines",
+                                   "Engines of the model that are routable now.",
+                                   labels=["model"])
+        ready = dict.fromkeys(self._pool.models(), 0)
+        for backend in self._pool.backends():
+            ready[backend.model] = ready.get(backend.model, 0) + int(backend.routable)
+        for model, count in ready.items():
+            family.add_metric([model], float(count))
         yield family
 
 
