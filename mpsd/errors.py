@@ -38,10 +38,13 @@ class ConfigError(MpsdError):
 
 
 class SpawnError(MpsdError):
-    """A child could not be started at all (missing executable, bad working directory).
+    """A child could not be started at all (missing executable, its port taken, fork failed
+    with ``EAGAIN``/``ENOMEM``): a fault of that child, retried within its restart intensity."""
 
-    This is a boot failure: retrying cannot help, so the group goes to FAILED at once.
-    """
+
+class ProcessWillNotDie(MpsdError):
+    """A child outlived SIGKILL past the reaping deadline (D state, e.g. after a GPU fault):
+    only an operator can help, so its GPU goes FAILED "needs an operator"."""
 
 
 class MemberExited(MpsdError):

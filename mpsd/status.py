@@ -37,6 +37,18 @@ class EngineStatus(TypedDict):
     cpus: list[int]
     ready: bool
     inflight: int
+    # what the reconcile loop says of it: stopped|starting|ready|backoff|failed|stopping
+    state: NotRequired[str]
+    reason: NotRequired[str]  # its last fault, or why it is FAILED
+    restarts_in_window: NotRequired[int]
+
+
+class DesiredStatus(TypedDict):
+    """What the command queue last asked of a GPU (``generation`` grows with each change)."""
+
+    generation: int
+    drained: bool
+    verdict: str | None  # why it needs an operator (a hardware Xid)
 
 
 class HistoryEntry(TypedDict):
@@ -61,6 +73,9 @@ class GroupStatus(TypedDict):
     history: list[HistoryEntry]
     mps: GroupMps | None
     engines: list[EngineStatus]
+    strategy: NotRequired[str]  # one_for_all (MPS on) or one_for_one (MPS off)
+    desired: NotRequired[DesiredStatus]
+    observed_generation: NotRequired[int]  # the desired generation the state describes
 
 
 class DaemonStatus(TypedDict):

@@ -1,13 +1,14 @@
-"""One GPU as one fault domain: its MPS daemon, its engines, their recovery (architecture.md §6).
+"""One GPU as one fault domain, run as a level-triggered reconcile loop (architecture.md §6).
 
-A group is the single writer of its state, its options and its restart budget. One *attempt*
-is one task group: start MPS, start engines one after another, then watch the fault signals
-(:mod:`mpsd.supervise.faults`). The first fault cancels the attempt in the same tick it marks
-every engine unroutable; recovery then kills every engine at once (their shared context is
-already poisoned), waits for the MPS server to come back (or replaces the daemon), backs off,
-and starts over — until the restart budget says crash loop. With MPS off there is no shared
-context, so each engine restarts alone. Whatever goes wrong — a fault, a boot failure, a bug —
-ends in a state with a reason, never in a dead task.
+Each pass observes (its slots, the MPS daemon, faults seen since), asks the pure
+:func:`~mpsd.supervise.reconcile.decide` for the next step toward the desired state, and takes
+that one bounded step; it runs again after every event (a fault, a start that ended, a new
+desired state) and at least every :data:`RESYNC_S`. Every action is contained: a spawn that
+fails, a port taken, a start-up timeout, an MPS command that fails, a fork error — each becomes
+a fault *of that engine* (or of the MPS daemon) with a reason, never an exception in a task
+group; a process that outlives SIGKILL makes the GPU FAILED "needs an operator". The desired
+state is written only by the supervisor's command queue; this loop is the only writer of the
+group's observed state and of its engines' routability.
 """
 
 from __future__ import annotations
@@ -24,31 +25,54 @@ from anyio.abc import TaskGroup
 
 from mpsd import logs
 from mpsd.backend import Backend
-from mpsd.errors import HealthCheckFailed, MemberExited, MpsCommandError, SpawnError, StartupTimeout
+from mpsd.errors import MemberExited, MpsdError, ProcessWillNotDie
 from mpsd.plan.build import EnginePlan, GroupPlan
 from mpsd.pool import BackendPool
 from mpsd.status import HistoryEntry
 from mpsd.supervise.contract import GroupObserver, GroupOptions
+from mpsd.supervise.desired import Desired
 from mpsd.supervise.engine import Engine
 from mpsd.supervise.faults import Fault, watch_engine, watch_mps
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.mps_log import MpsLogEvent, MpsLogKind
-from mpsd.supervise.recovery import kill_engines, recover_mps, stop_engine
-from mpsd.supervise.rolling import roll_engines
-from mpsd.supervise.states import GroupState, IllegalTransition, RestartBudget, can_transition
+from mpsd.supervise.reconcile import (
+    Action,
+    GroupView,
+    Phase,
+    Recover,
+    Reset,
+    RestartEngine,
+    StartEngine,
+    StartMps,
+    StopEngines,
+    StopMps,
+    Wait,
+    decide,
+    engine_state,
+    group_state,
+)
+from mpsd.supervise.recovery import recover_mps, stop_engine
+from mpsd.supervise.slot import Slot
+from mpsd.supervise.states import (
+    EngineState,
+    GroupState,
+    RestartPolicy,
+    Restarts,
+    can_transition,
+    jittered,
+)
 
 _log = logs.get("mpsd.group")
-OnFault = Callable[[Fault], None]
+RESYNC_S = 5.0  # a pass at least this often, whatever happens (level-triggered)
 
 
 class GpuGroup:
-    """Supervises one GPU's MPS daemon and engines."""
+    """Reconciles one GPU's MPS daemon and engines toward its :class:`Desired` state."""
 
-    def __init__(self, plan: GroupPlan, options: GroupOptions, pool: BackendPool,
-                 session: aiohttp.ClientSession, observer: GroupObserver,
-                 rng: random.Random | None = None) -> None:
-        self.plan = plan
-        self.options = options
+    def __init__(self, desired: Desired, pool: BackendPool, session: aiohttp.ClientSession,
+                 observer: GroupObserver, rng: random.Random | None = None) -> None:
+        self.desired = desired
+        self.key = desired.plan.key
         self._pool = pool
         self._session = session
         self._observer = observer
@@ -56,360 +80,480 @@ class GpuGroup:
         self.state = GroupState.STOPPED
         self.since = time.time()
         self.reason = ""
-        self.engines: dict[str, Engine] = {}
-        self.mps: MpsDaemon | None = None
         self.history: deque[HistoryEntry] = deque(maxlen=50)
-        r = options.restart
-        self.budget = RestartBudget(r.max_restarts, r.window_s, r.stable_after_s,
-                                    r.backoff_initial_s, r.backoff_max_s)
-        self._stop = anyio.Event()
-        self._wake = anyio.Event()
-        self._on_fault: OnFault | None = None
-        self._ever_ready = False
+        self.slots: dict[str, Slot] = {}
+        self.mps: MpsDaemon | None = None
+        self._mps_up = False
+        self._mps_scope: anyio.CancelScope | None = None
+        self._fault: Fault | None = None
+        self._backoff_until = 0.0
+        self._failed = ""
+        self._restarts = Restarts()
+        self._restart_generation = desired.restart_generation
+        self._unkillable = ""
+        self._recovering = False
         self._recovering_since: float | None = None
-        self._fatal_pending: Fault | None = None
+        self._serving = False
+        self.observed_generation = 0
+        self._wake = anyio.Event()
+        self._passed = anyio.Event()
         self._tg: TaskGroup | None = None
+        self.done = anyio.Event()
+
+    # -- what others read ----------------------------------------------------------------
 
     @property
-    def key(self) -> str:
-        return self.plan.key
+    def plan(self) -> GroupPlan:
+        return self.desired.plan
 
     @property
-    def pool(self) -> BackendPool:
-        return self._pool
+    def options(self) -> GroupOptions:
+        return self.desired.options
 
     @property
-    def attempt(self) -> TaskGroup | None:
-        """The task group of the running attempt (engines started later join it)."""
-        return self._tg
+    def engines(self) -> dict[str, Engine]:
+        """The engines whose process runs now."""
+        return {k: s.engine for k, s in self.slots.items() if s.engine is not None}
 
-    # -- commands from outside (supervisor, control API, NVML, proxy) --------------------
+    @property
+    def restarts_in_window(self) -> int:
+        policy = self._policy()
+        return self._restarts.count(time.monotonic(), policy)
 
-    def stop(self) -> None:
-        """Ask the group to stop; ``run()`` returns once engines and MPS are down."""
-        self._stop.set()
+    def engine_state(self, plan: EnginePlan) -> tuple[EngineState, str, int]:
+        """A planned engine's state, its reason and its restarts in the window (status)."""
+        slot = self.slots.get(plan.key) or Slot(plan.key)
+        now = time.monotonic()
+        state = engine_state(plan, slot.view(), self.desired.stopping, now)
+        reason = slot.failed or (slot.last_fault if state is not EngineState.READY else "")
+        return state, reason, slot.restarts.count(now, self._policy())
+
+    async def next_pass(self) -> None:
+        """Until the loop has looked at the world once more (after a desired-state change)."""
+        await self._passed.wait()
+
+    def engine_outcome(self, plan: EnginePlan, failures_before: int) -> str | None:
+        """For a rollout: ``"ready"`` once ``plan`` serves, the fault's reason once a start of
+        it failed after ``failures_before`` faults, else None (still on its way)."""
+        slot = self.slots.get(plan.key)
+        if slot is None or slot.plan != plan:
+            return None
+        if slot.phase is Phase.READY:
+            return "ready"
+        if slot.failures > failures_before:
+            return slot.failed or slot.last_fault or "failed"
+        return None
+
+    def failures(self, key: str) -> int:
+        slot = self.slots.get(key)
+        return slot.failures if slot is not None else 0
+
+    # -- inputs: the supervisor's desired state, and faults seen outside -----------------
+
+    def set_desired(self, desired: Desired) -> None:
+        """The command queue's new desired state (the only writer)."""
+        self.desired = desired
         self._wake.set()
 
-    def restart(self) -> None:
-        """Operator's ``mpsd restart GPU``: forget the crash history, start again if FAILED."""
-        self.budget.reset()
-        self._ever_ready = False
-        if self.state is GroupState.FAILED:
-            self._wake.set()
-
-    def crashed(self, reason: str) -> None:
-        """``run()`` itself raised (a bug while stopping): FAILED with the error as reason,
-        nothing of it routed or left running."""
-        for plan in self.plan.engines:
-            self._pool.remove(plan.key)
-        for engine in self.engines.values():
-            engine.process.kill_group()
-        if can_transition(self.state, GroupState.FAILED):
-            self._set_state(GroupState.FAILED, reason)
-
-    def retune(self, options: GroupOptions) -> None:
-        """Reload: new restart, drain and MPS-timing settings; restarts already counted stay."""
-        self.options = options
-        self.budget.update(options.restart)
-
     def report_fault(self, fault: Fault) -> None:
-        """A fault of the whole group seen outside its own watchers (an NVML Xid)."""
-        if self._on_fault is not None:
-            self._on_fault(fault)
-        elif fault.fatal:
-            self._fatal_pending = fault
-            self._wake.set()
+        """A fault of the whole GPU seen outside its own watchers (an application Xid)."""
+        self._group_fault(fault)
 
     def report_engine_fault(self, key: str, signal: str, reason: str) -> None:
         """One engine is dead or hung (the proxy saw it, or MPS logged its client's exit):
         unrouted now, and its watcher ends it like any other fault of that engine."""
-        engine = self.engines.get(key)
-        if engine is None or engine.stopping or engine.pid is None:
+        slot = self.slots.get(key)
+        if slot is None or slot.engine is None or slot.engine.stopping:
             return
         self._route(key, False)
-        engine.condemn(signal, reason)
+        slot.engine.condemn(signal, reason)
 
-    async def reconfigure(self, plan: GroupPlan) -> tuple[bool, str]:
-        """Roll engine-level changes one engine at a time (:func:`roll_engines`)."""
-        return await roll_engines(self, plan)
-
-    # -- the loop ------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Start, supervise and recover until ``stop()``; always leaves nothing running.
+        """Reconcile until the desired state says stop and nothing runs; leaves nothing behind.
 
-        An unexpected exception anywhere in an attempt or its recovery is a fatal fault: the
-        group goes FAILED with the error as its reason and waits for the operator.
+        An unexpected exception in an action is a fault of the whole GPU with the error as its
+        reason (FAILED "internal error"): the loop goes on and stops what runs.
         """
-        for plan in self.plan.engines:
-            self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
-        reason = "start"
         try:
-            while not self._stop.is_set():
-                try:
-                    reason = await self._cycle(reason)
-                except Exception as exc:  # a bug must end in FAILED, not in a dead task
-                    _log.exception("group_error", gpu=self.key)
-                    await kill_engines(self.engines.values())
-                    await self._fail(Fault("internal", f"internal error: {exc!r}", fatal=True))
-                    reason = "operator restart"
-        finally:
-            await self._shutdown()
-            for plan in self.plan.engines:
-                self._pool.remove(plan.key)
-
-    async def _cycle(self, reason: str) -> str:
-        """One attempt and what follows it; the reason for the next start."""
-        pending, self._fatal_pending = self._fatal_pending, None
-        if pending is not None:
-            await self._fail(pending)
-            return "operator restart"
-        self._set_state(GroupState.STARTING, reason)
-        fault = await self._attempt()
-        if fault is None:
-            return reason
-        self._set_state(GroupState.RECOVERING, fault.reason)
-        delay = self._count_restart(fault)
-        await self._recover(fault)
-        if delay is None:
-            await self._fail(fault if fault.fatal else self._crash_loop(fault))
-            return "operator restart"
-        self._set_state(GroupState.BACKOFF, f"restart in {delay:.1f}s after {fault.signal}")
-        with anyio.move_on_after(delay):
-            await self._wait_wake()
-        return f"restart after {fault.signal}"
-
-    def _count_restart(self, fault: Fault) -> float | None:
-        """The one restart bookkeeping (the group, or ``fault.engine`` alone): history, budget,
-        observers. The backoff before the next start, or None when fatal or a crash loop."""
-        entry: HistoryEntry = {"at": time.time(), "signal": fault.signal, "reason": fault.reason}
-        if fault.engine:
-            entry["engine"] = fault.engine
-        self.history.append(entry)
-        delay = self.budget.next_start(time.monotonic(), fault.fatal, self._rng)
-        if delay is not None or not fault.engine:  # an engine's crash loop is the group's
-            self._observer.fault(self, fault)
-        return delay
-
-    def _crash_loop(self, fault: Fault) -> Fault:
-        return Fault(fault.signal, self.budget.crash_loop(time.monotonic(), fault.reason), True)
-
-    async def _fail(self, fault: Fault) -> None:
-        """FAILED with the fault's reason, until ``restart()`` or ``stop()``."""
-        self._set_state(GroupState.FAILED, fault.reason)
-        await self._wait_wake()
-
-    async def _attempt(self) -> Fault | None:
-        """One start-and-watch cycle; the fault that ended it, or None when asked to stop."""
-        faults: list[Fault] = []
-        async with anyio.create_task_group() as tg:
-
-            def on_fault(fault: Fault) -> None:
-                if faults:
-                    return
-                faults.append(fault)
-                for key in self.engines:
-                    self._route(key, False)
-                _log.error("fault_detected", gpu=self.key, signal=fault.signal,
-                           reason=fault.reason, at=time.time())
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                while await self._pass():
+                    pass
                 tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._abandon()
+            for key in [b["key"] for b in self._pool.snapshot() if b["gpu"] == self.key]:
+                self._pool.remove(key)
+            self.done.set()
 
-            self._on_fault, self._tg = on_fault, tg
-            tg.start_soon(self._cancel_on_stop, tg)
-            try:
-                await self._start_all(tg, on_fault)
-            except SpawnError as exc:
-                on_fault(Fault("spawn", f"boot failure: {exc}", fatal=True))
-        self._on_fault, self._tg = None, None
-        if faults:
-            return faults[0]
-        if self._stop.is_set():
-            return None
-        return Fault("internal", "attempt ended without a fault", fatal=True)
+    async def _pass(self) -> bool:
+        """One observe → decide → act; False when the group is stopped for good."""
+        self._wake = anyio.Event()
+        now = time.monotonic()
+        self._sync_pool()
+        view = self._view()
+        action = decide(self.desired, view, now)
+        self._publish(view, now)
+        self.observed_generation = self.desired.generation
+        passed, self._passed = self._passed, anyio.Event()
+        passed.set()
+        if isinstance(action, Wait):
+            if self.desired.stopping and not view.live:
+                return False
+            await self._sleep(action.until)
+            return True
+        try:
+            await self._act(action)
+        except ProcessWillNotDie as exc:
+            _log.error("process_will_not_die", gpu=self.key, error=str(exc))
+            self._unkillable = f"needs an operator: {exc}"
+        except Exception as exc:  # a bug: FAILED with its reason, never a dead task
+            _log.exception("group_error", gpu=self.key, action=type(action).__name__)
+            self._failed = f"internal error: {exc!r}"
+        return True
 
-    async def _start_all(self, tg: TaskGroup, on_fault: OnFault) -> None:
-        t0 = time.monotonic()
-        mps = await self._ensure_mps(tg, on_fault) if self.plan.mps else None
-        for plan in self.plan.engines:
-            engine = await self.start_engine(plan, mps, on_fault)
+    async def _sleep(self, until: float | None) -> None:
+        timeout = RESYNC_S if until is None else min(RESYNC_S, until - time.monotonic())
+        with anyio.move_on_after(max(timeout, 0.0)):
+            await self._wake.wait()
+
+    def _view(self) -> GroupView:
+        engines = {k: s.view() for k, s in self.slots.items()}
+        mps_live = self.mps is not None and self.mps.pid is not None
+        return GroupView(engines, mps_live, mps_live and self._mps_up, self._fault,
+                         self._backoff_until, self._failed, self._restarts,
+                         self._restart_generation, self._unkillable)
+
+    async def _act(self, action: Action) -> None:
+        if isinstance(action, StopEngines):
+            await self._stop_engines(action.keys, kill=action.kill)
+        elif isinstance(action, StopMps):
+            await self._stop_mps()
+        elif isinstance(action, Reset):
+            self._reset(action.generation)
+        elif isinstance(action, Recover):
+            await self._recover(action)
+        elif isinstance(action, RestartEngine):
+            await self._restart_engine(action)
+        elif isinstance(action, StartMps):
+            await self._start_mps()
+        elif isinstance(action, StartEngine):
+            await self._start_engine(action.plan)
+
+    # -- actions ---------------------------------------------------------------------------
+
+    async def _stop_engines(self, keys: tuple[str, ...], *, kill: bool) -> None:
+        """In parallel; each bounded (drain, ``stop_timeout_s``, the reaping deadline)."""
+        slots = [self.slots[k] for k in keys]
+        for slot in slots:
+            self._route(slot.key, False)
+            if slot.scope is not None:
+                slot.scope.cancel()
+        unkillable: list[str] = []
+
+        async def stop(slot: Slot) -> None:
+            engine = slot.engine
             if engine is None:
                 return
-            self.watch(tg, engine)
-        if self._recovering_since is not None:
-            self._observer.recovered(self, "engine", time.monotonic() - t0)
-            self._recovering_since = None
-        self._ever_ready = True
-        self._set_state(GroupState.RUNNING, self.ready_reason())
-        tg.start_soon(self._forgive_when_stable)
+            engine.stopping = True
+            try:
+                if kill:
+                    await engine.process.kill()
+                else:
+                    await self._stop_safely(engine)
+            except ProcessWillNotDie as exc:
+                unkillable.append(str(exc))
+                return
+            slot.gone()
 
-    async def start_engine(self, plan: EnginePlan, mps: MpsDaemon | None,
-                            on_fault: OnFault) -> Engine | None:
-        """Start one engine and wait until it is ready; None after reporting a fault."""
+        async with anyio.create_task_group() as tg:
+            for slot in slots:
+                tg.start_soon(stop, slot)
+        if unkillable:
+            raise ProcessWillNotDie("; ".join(unkillable))
+
+    async def _stop_safely(self, engine: Engine) -> None:
+        mps = self.mps if self.plan.mps else None
+        await stop_engine(engine, self._pool, mps, self.options.drain_timeout_s)
+
+    async def _stop_mps(self) -> None:
+        if self._mps_scope is not None:
+            self._mps_scope.cancel()
+            self._mps_scope = None
+        mps, self.mps, self._mps_up = self.mps, None, False
+        if mps is not None:
+            await mps.stop()
+
+    def _reset(self, generation: int) -> None:
+        """An operator restart reached the loop: every fault of the past is forgotten."""
+        self._restart_generation = generation
+        self._fault, self._failed, self._backoff_until = None, "", 0.0
+        self._restarts, self._serving = Restarts(), False
+        for slot in self.slots.values():
+            slot.reset()
+        _log.info("restart_history_reset", gpu=self.key, generation=generation)
+
+    async def _recover(self, action: Recover) -> None:
+        """one_for_all: SIGKILL every engine at once (the shared context is poisoned, a grace
+        period buys nothing), get the MPS server ACTIVE again or replace it, then back off."""
+        fault = action.fault
+        t0 = time.monotonic()
+        self._recovering, self._serving = True, False
+        self._recovering_since = self._recovering_since or t0
+        self._unroute_all()
+        self._note_fault(fault)
+        self._publish(self._view(), t0)
+        try:
+            await self._stop_engines(tuple(k for k, s in self.slots.items() if s.engine),
+                                     kill=True)
+            if self.mps is not None:
+                if self._mps_scope is not None:
+                    self._mps_scope.cancel()
+                    self._mps_scope = None
+                if await recover_mps(self.mps, self.options.mps.recover_timeout_s, fault):
+                    self._watch_mps(self.mps)
+                else:
+                    self.mps, self._mps_up = None, False
+                self._observer.recovered(self, "mps", time.monotonic() - t0)
+        finally:
+            self._recovering = False
+        now = time.monotonic()
+        self._restarts = self._restarts.record(now, self._policy())
+        self._fault = None
+        for slot in self.slots.values():
+            slot.fault = None
+        if action.give_up:
+            self._failed = action.give_up
+        else:
+            self._backoff_until = now + jittered(action.backoff_step, self._rng.random())
+
+    async def _restart_engine(self, action: RestartEngine) -> None:
+        """one_for_one: this engine alone is stopped, counted, and backs off or is FAILED."""
+        slot = self.slots[action.key]
+        fault = replace(action.fault, engine=action.key)
+        self._route(slot.key, False)
+        _log.error("fault_detected", gpu=self.key, engine=slot.key, signal=fault.signal,
+                   reason=fault.reason, at=time.time())
+        engine = slot.engine
+        if engine is not None:
+            engine.stopping = True
+            if slot.scope is not None:
+                slot.scope.cancel()
+            if self.plan.mps and engine.pid is not None:
+                await self._stop_safely(engine)  # maybe busy: terminate_client before SIGKILL
+            else:
+                await engine.process.kill()
+        slot.gone()
+        now = time.monotonic()
+        slot.restarts = slot.restarts.record(now, self._policy())
+        slot.last_fault, slot.failures = fault.reason, slot.failures + 1
+        self._note_fault(fault, count=not action.give_up)
+        if action.give_up:
+            slot.failed = action.give_up
+            _log.error("engine_failed", gpu=self.key, engine=slot.key, reason=action.give_up)
+            return
+        delay = jittered(action.backoff_step, self._rng.random())
+        slot.backoff_until = now + delay
+        _log.warning("engine_restart", gpu=self.key, engine=slot.key, reason=fault.reason,
+                     delay_s=round(delay, 2))
+
+    async def _start_mps(self) -> None:
+        """Start this GPU's MPS daemon; any failure is a fault of the GPU (backoff, budget)."""
+        assert self._tg is not None
+        mps = self.mps = MpsDaemon(
+            self.key, self.options.mps.control_binary, self.plan.uuid, self.plan.pipe_dir,
+            self.plan.log_dir, environ=self.options.environ, extra_env=self.options.mps.env,
+            registry=self.options.registry, command_timeout_s=self.options.mps.command_timeout_s,
+            on_log=self._on_mps_log)
+        _log.info("mps_daemon_starting", gpu=self.key,
+                  msg=f"{self.key}: starting its MPS control daemon")
+        try:
+            await mps.start()
+        except (MpsdError, OSError) as exc:
+            await mps.kill()
+            self.mps = None
+            self._group_fault(Fault("mps_start", f"MPS daemon did not come up: {exc}"))
+            return
+        self._mps_up = True
+        self._watch_mps(mps)
+
+    def _watch_mps(self, mps: MpsDaemon) -> None:
+        assert self._tg is not None
+        scope = self._mps_scope = anyio.CancelScope()
+
+        async def watch() -> None:
+            with scope:
+                await watch_mps(mps, self.options.mps.status_interval_s, self._group_fault)
+
+        self._tg.start_soon(watch)
+
+    async def _start_engine(self, plan: EnginePlan) -> None:
+        """Spawn one engine; its task waits for readiness, then watches its fault signals."""
+        assert self._tg is not None
+        slot = self.slots.setdefault(plan.key, Slot(plan.key))
         engine = Engine(plan, self._session, self.options.registry)
-        self.engines[plan.key] = engine
+        slot.begin(engine)
         order = next((i for i, e in enumerate(self.plan.engines, 1) if e.key == plan.key), 0)
         _log.info("engine_starting", gpu=self.key, engine=plan.key, model=plan.model,
                   msg=f"{plan.key}: starting, engine {order} of {len(self.plan.engines)} "
                       f"on {self.key}")
-        await engine.start()
         try:
-            await engine.wait_ready(mps)
-        except MemberExited as exc:
-            boot = not self._ever_ready and not engine.answered
-            on_fault(Fault("engine_exit", f"{'boot failure: ' if boot else ''}{exc}", fatal=boot))
-            return None
-        except (StartupTimeout, HealthCheckFailed, MpsCommandError) as exc:
-            await engine.process.kill()
-            on_fault(Fault("startup", str(exc)))
-            return None
-        self._route(plan.key, True, fresh=True)
-        return engine
+            await engine.start()
+        except Exception as exc:  # port taken, no executable, fork's EAGAIN/ENOMEM, ...
+            slot.gone()
+            slot.fault = Fault("spawn", str(exc))
+            return
+        slot.scope = anyio.CancelScope()
+        self._tg.start_soon(self._engine_task, slot, engine, slot.scope)
 
-    def watch(self, tg: TaskGroup, engine: Engine) -> None:
-        """MPS on: any engine's fault is the group's. MPS off: the engine restarts alone."""
-        if self.plan.mps:
-            tg.start_soon(self._watch_mps_engine, engine)
-        else:
-            tg.start_soon(self._engine_slot, engine)
-
-    def _router(self, engine: Engine) -> Callable[[bool], None]:
-        def route(ok: bool) -> None:
-            if not ok or not (engine.stopping or engine.condemned):
-                self._route(engine.key, ok)
-        return route
-
-    async def _watch_mps_engine(self, engine: Engine) -> None:
-        fault = await watch_engine(engine, self._router(engine))
-        if not engine.stopping and self._on_fault is not None:
-            self._on_fault(fault)
-
-    async def _engine_slot(self, engine: Engine) -> None:
-        """MPS off: this engine alone is its fault domain; its siblings keep serving."""
-        while True:
-            fault = await watch_engine(engine, self._router(engine))
-            if engine.stopping:
-                return
-            _log.error("fault_detected", gpu=self.key, engine=engine.key, signal=fault.signal,
-                       reason=fault.reason, at=time.time())
-            await engine.process.kill()
-            fault = replace(fault, engine=engine.key)
-            delay = self._count_restart(fault)
-            if delay is None:
-                if self._on_fault is not None:
-                    self._on_fault(replace(fault if fault.fatal else self._crash_loop(fault),
-                                           engine=""))
-                return
-            if self.state is GroupState.RUNNING:
-                self.set_reason(self.ready_reason(f"{engine.key} restarting: {fault.reason}"))
-            _log.warning("engine_restart", gpu=self.key, engine=engine.key, reason=fault.reason,
-                         delay_s=round(delay, 2))
-            await anyio.sleep(delay)
-            plan = engine.plan
-            if self.engines.get(plan.key) is not engine:  # rolled out meanwhile
-                return
-            assert self._on_fault is not None
-            restarted = await self.start_engine(plan, None, self._on_fault)
-            if restarted is None:
-                return
-            engine = restarted
-            if self.state is GroupState.RUNNING:  # back after a restart
-                self.set_reason(self.ready_reason())
-
-    async def _ensure_mps(self, tg: TaskGroup, on_fault: OnFault) -> MpsDaemon:
-        if self.mps is None or self.mps.pid is None:
-            self.mps = MpsDaemon(
-                self.key, self.options.mps.control_binary, self.plan.uuid, self.plan.pipe_dir,
-                self.plan.log_dir, environ=self.options.environ, extra_env=self.options.mps.env,
-                registry=self.options.registry,
-                command_timeout_s=self.options.mps.command_timeout_s, on_log=self._on_mps_log)
-            _log.info("mps_daemon_starting", gpu=self.key,
-                      msg=f"{self.key}: starting its MPS control daemon")
+    async def _engine_task(self, slot: Slot, engine: Engine, scope: anyio.CancelScope) -> None:
+        """Start-up, then the fault watchers: whatever ends them is a fault of this engine."""
+        with scope:
             try:
-                await self.mps.start()
-            except MpsCommandError as exc:
-                await self.mps.kill()
-                raise SpawnError(f"MPS daemon did not come up: {exc}") from exc
-        mps = self.mps
-        tg.start_soon(watch_mps, mps, self.options.mps.status_interval_s, on_fault)
-        return mps
+                await engine.wait_ready(self.mps if self.plan.mps else None)
+            except MemberExited as exc:
+                self._engine_fault(slot, engine, Fault("engine_exit", str(exc)))
+                return
+            except Exception as exc:  # start-up timeout, canary, MPS attach, a bug
+                signal = "startup" if isinstance(exc, MpsdError) else "internal"
+                self._engine_fault(slot, engine, Fault(signal, str(exc) or repr(exc)))
+                return
+            slot.phase, slot.ever_ready = Phase.READY, True
+            slot.restarts = slot.restarts.healthy(time.monotonic())
+            self._route(slot.key, True, fresh=True)
+            self._wake.set()
+            try:
+                fault = await watch_engine(engine, self._router(slot, engine))
+            except Exception as exc:
+                fault = Fault("internal", f"{slot.key}: watching it failed: {exc!r}")
+            self._engine_fault(slot, engine, fault)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def _engine_fault(self, slot: Slot, engine: Engine, fault: Fault) -> None:
+        """MPS on and the engine had served: every engine of the GPU is unrouted in this tick
+        (their context is shared); else only this one."""
+        if not slot.report(engine, fault):
+            return
+        if self.plan.mps and slot.ever_ready:
+            self._unroute_all()
+        else:
+            self._route(slot.key, False)
+        self._wake.set()
+
+    def _group_fault(self, fault: Fault) -> None:
+        if self._fault is None:
+            self._fault = fault
+        self._unroute_all()
+        self._wake.set()
 
     def _on_mps_log(self, event: MpsLogEvent) -> None:
-        """A fatal line faults the group; a client of a running engine going away (EngineCore
+        """A fatal line faults the GPU; a client of a running engine going away (EngineCore
         died: 2 ms after the kill on the H200) condemns that engine at once."""
-        if event.kind is MpsLogKind.FATAL and self._on_fault is not None:
-            self._on_fault(Fault("mps_log", f"{event.source}: {event.line}"))
+        if event.kind is MpsLogKind.FATAL:
+            self._group_fault(Fault("mps_log", f"{event.source}: {event.line}"))
         elif event.kind is MpsLogKind.CLIENT_EXITED and event.pid is not None:
-            for engine in list(self.engines.values()):
+            for key, engine in self.engines.items():
                 if event.pid in engine.mps_pids:
-                    self.report_engine_fault(engine.key, "mps_client_exit",
-                                             f"{engine.key}: MPS client {event.pid} went away")
+                    self.report_engine_fault(key, "mps_client_exit",
+                                             f"{key}: MPS client {event.pid} went away")
 
-    async def _recover(self, fault: Fault) -> None:
-        """Fail fast: SIGKILL every engine at once, then get the MPS server ACTIVE again."""
-        t0 = time.monotonic()
-        self._recovering_since = t0
-        await kill_engines(self.engines.values())
+    def _note_fault(self, fault: Fault, *, count: bool = True) -> None:
+        """History and observers; the log line tests and operators look for."""
+        entry: HistoryEntry = {"at": time.time(), "signal": fault.signal, "reason": fault.reason}
+        if fault.engine:
+            entry["engine"] = fault.engine
+        else:
+            _log.error("fault_detected", gpu=self.key, signal=fault.signal, reason=fault.reason,
+                       at=time.time())
+        self.history.append(entry)
+        if count:
+            self._observer.fault(self, fault)
+
+    async def _abandon(self) -> None:
+        """Leaving the loop by cancellation: nothing may outlive mpsd's group (bounded)."""
+        for slot in self.slots.values():
+            if slot.engine is not None:
+                try:
+                    await slot.engine.process.kill()
+                except ProcessWillNotDie as exc:
+                    _log.error("process_will_not_die", gpu=self.key, error=str(exc))
+                slot.gone()
         if self.mps is not None:
-            if not await recover_mps(self.mps, self.options.mps.recover_timeout_s, fault):
-                self.mps = None
-            self._observer.recovered(self, "mps", time.monotonic() - t0)
+            await self.mps.kill()
+            self.mps = None
 
-    async def stop_engine(self, engine: Engine) -> None:
-        await stop_engine(engine, self._pool, self.mps, self.options.drain_timeout_s)
+    # -- routing and state -----------------------------------------------------------------
 
-    async def _shutdown(self) -> None:
-        with anyio.CancelScope(shield=True):
-            self._set_state(GroupState.STOPPING, "stop requested")
-            async with anyio.create_task_group() as tg:
-                for engine in self.engines.values():
-                    tg.start_soon(self.stop_engine, engine)
-            if self.mps is not None:
-                await self.mps.stop()
-                self.mps = None
-            self._set_state(GroupState.STOPPED, "stopped")
+    def _sync_pool(self) -> None:
+        """The pool lists every engine the plan wants (503, not 404, while one starts) and what
+        still runs; a changed engine's entry is replaced once its old process is gone."""
+        wanted = {p.key: p for p in self.plan.engines}
+        for key in [k for k, s in self.slots.items() if k not in wanted and s.engine is None]:
+            del self.slots[key]  # removed by a reload and stopped
+        for backend in [b for b in self._pool.snapshot() if b["gpu"] == self.key]:
+            key, slot = backend["key"], self.slots.get(backend["key"])
+            plan = wanted.get(key)
+            running = slot is not None and slot.engine is not None
+            if running:
+                continue
+            if plan is None or (backend["model"], backend["url"]) != (plan.model, plan.base_url):
+                self._pool.remove(key)
+        for plan in self.plan.engines:
+            if self._pool.get(plan.key) is None:
+                self._pool.add(Backend(plan.key, plan.gpu, plan.model, plan.base_url))
 
-    async def _cancel_on_stop(self, tg: TaskGroup) -> None:
-        await self._stop.wait()
-        tg.cancel_scope.cancel()
-
-    async def _forgive_when_stable(self) -> None:
-        since = time.monotonic()
-        await anyio.sleep(self.budget.stable_after_s)
-        if self.budget.ran_stable(since, time.monotonic()):
-            _log.info("restart_budget_reset", gpu=self.key, stable_s=self.budget.stable_after_s)
-
-    async def _wait_wake(self) -> None:
-        self._wake = anyio.Event()
-        if self._stop.is_set() or self._fatal_pending is not None:
-            return
-        await self._wake.wait()
-
-    def ready_reason(self, note: str = "") -> str:
-        """``2/2 engines ready`` (what the pool routes to now), and what is wrong if any."""
-        ready = sum(1 for b in self._pool.snapshot() if b["gpu"] == self.key and b["routable"])
-        text = f"{ready}/{len(self.plan.engines)} engines ready"
-        return f"{text}; {note}" if note else text
+    def _router(self, slot: Slot, engine: Engine) -> Callable[[bool], None]:
+        def route(ok: bool) -> None:
+            if not ok or (slot.engine is engine and not engine.stopping and not engine.condemned
+                          and slot.fault is None):
+                self._route(slot.key, ok)
+        return route
 
     def _route(self, key: str, routable: bool, *, fresh: bool = False) -> None:
-        """Routability of one of this group's engines (gone from the pool: nothing to do)."""
         if self._pool.get(key) is not None:
             self._pool.set_routable(key, routable, fresh=fresh)
 
-    def set_reason(self, reason: str) -> None:
-        self.reason = reason
-        self._observer.state_changed(self, self.state, self.state)
+    def _unroute_all(self) -> None:
+        for key in self.slots:
+            self._route(key, False)
+
+    def _policy(self) -> RestartPolicy:
+        return RestartPolicy.of(self.options.restart)
+
+    def _publish(self, view: GroupView, now: float) -> None:
+        state, reason = group_state(self.desired, view, now, recovering=self._recovering,
+                                    serving=self._serving)
+        if state in (GroupState.RUNNING, GroupState.DEGRADED):
+            if not self._serving and self._recovering_since is not None:
+                self._observer.recovered(self, "engine", now - self._recovering_since)
+                self._recovering_since = None
+            self._serving = True
+            self._restarts = self._restarts.healthy(now)
+        elif state is not GroupState.RECOVERING:
+            self._serving = False
+        self._set_state(state, reason)
 
     def _set_state(self, new: GroupState, reason: str) -> None:
-        """The one writer of ``state``; an edge the state machine lacks is a bug and raises."""
+        """The one writer of ``state``. An edge the state machine lacks is a bug: logged as
+        ``illegal_transition`` (every test that runs mpsd fails on it), then taken anyway —
+        the state must say what the world is, and the loop must go on."""
         old = self.state
         if new is old:
-            self.set_reason(reason)
+            if reason != self.reason:
+                self.reason = reason
+                self._observer.state_changed(self, old, new)
             return
         if not can_transition(old, new):
             _log.error("illegal_transition", gpu=self.key, **{"from": str(old)}, to=str(new),
                        reason=reason)
-            raise IllegalTransition(f"{self.key}: {old} -> {new} ({reason})")
         self.state, self.since, self.reason = new, time.time(), reason
+        if new is GroupState.FAILED:
+            self._serving = False
+            self._unroute_all()
         log = _log.error if new is GroupState.FAILED else _log.info
         log("group_state", gpu=self.key, **{"from": str(old)}, to=str(new), reason=reason)
         self._observer.state_changed(self, old, new)

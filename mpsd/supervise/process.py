@@ -21,10 +21,11 @@ from typing import Any
 import anyio
 
 from mpsd import logs
-from mpsd.errors import SpawnError
+from mpsd.errors import ProcessWillNotDie, SpawnError
 
 _PR_SET_PDEATHSIG = 1
 _LINE_LIMIT = 1 << 20
+REAP_TIMEOUT_S = 10.0
 _log = logs.get("mpsd.process")
 
 
@@ -99,8 +100,10 @@ class ChildProcess:
                 start_new_session=True, limit=_LINE_LIMIT,
                 preexec_fn=_child_setup(self.cpus, os.getpid()),
             )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            raise SpawnError(f"cannot run {self.argv[0]!r}: {exc.strerror}") from exc
+        except OSError as exc:  # no executable, no permission, fork's EAGAIN/ENOMEM, ...
+            raise SpawnError(f"cannot run {self.argv[0]!r}: {exc.strerror or exc}") from exc
+        except MemoryError as exc:
+            raise SpawnError(f"cannot run {self.argv[0]!r}: out of memory") from exc
         self._remember()
         self._drain = asyncio.ensure_future(self._drain_output())
         _log.info("process_started", name=self.name, pid=self.pid, argv=" ".join(self.argv),
@@ -116,6 +119,15 @@ class ChildProcess:
                 await asyncio.wait_for(asyncio.shield(self._drain), 2.0)
         self._forget()
         return code
+
+    async def _reap(self) -> int:
+        """After SIGKILL: the leader's exit within :data:`REAP_TIMEOUT_S`, or
+        :class:`ProcessWillNotDie` (a wait without a deadline would hang recovery and stop)."""
+        assert self._proc is not None
+        with anyio.move_on_after(REAP_TIMEOUT_S):
+            return await self.wait()
+        raise ProcessWillNotDie(f"{self.name} (PID {self._proc.pid}) still alive "
+                                f"{REAP_TIMEOUT_S:g} s after SIGKILL")
 
     def send(self, sig: signal.Signals) -> None:
         """Signal the leader only (vLLM's API server stops its own children in order)."""
@@ -151,16 +163,16 @@ class ChildProcess:
                         if asyncio.iscoroutine(result):
                             await result
                     self.kill_group(signal.SIGKILL)
-            code = await self.wait()
+            code = await self._reap()
         return code
 
     async def kill(self) -> int:
-        """SIGKILL the whole group at once and reap (fail-fast recovery)."""
+        """SIGKILL the whole group at once and reap (fail-fast recovery); bounded."""
         if self._proc is None:
             return 0
         with anyio.CancelScope(shield=True):
             self.kill_group(signal.SIGKILL)
-            code = await self.wait()
+            code = await self._reap()
         return code
 
     async def _drain_output(self) -> None:

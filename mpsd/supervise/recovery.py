@@ -8,10 +8,6 @@ before any SIGKILL, because SIGKILL of a busy MPS client faults its siblings (mp
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import anyio
-
 from mpsd import logs
 from mpsd.errors import MpsCommandError
 from mpsd.pool import BackendPool
@@ -20,13 +16,6 @@ from mpsd.supervise.faults import Fault
 from mpsd.supervise.mps import MpsDaemon
 
 _log = logs.get("mpsd.recovery")
-
-
-async def kill_engines(engines: Iterable[Engine]) -> None:
-    """SIGKILL every engine's whole process group at once, and reap."""
-    async with anyio.create_task_group() as tg:
-        for engine in list(engines):
-            tg.start_soon(engine.process.kill)
 
 
 async def recover_mps(mps: MpsDaemon, timeout_s: float, fault: Fault) -> bool:
@@ -47,6 +36,7 @@ async def stop_engine(engine: Engine, pool: BackendPool, mps: MpsDaemon | None,
     """On purpose: drain → SIGTERM → at the deadline ``terminate_client`` → SIGKILL."""
     engine.stopping = True
     if engine.pid is None:
+        await engine.process.kill()  # reaped, and whatever it left in its group killed
         return
     if pool.get(engine.key) is not None:
         await pool.drain(engine.key, drain_timeout_s)

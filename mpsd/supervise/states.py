@@ -1,14 +1,15 @@
-"""Group states, the legal transitions between them, and the restart budget (architecture.md §6).
+"""Group and engine states, the legal group transitions, and restart intensity (architecture.md §6).
 
-Pure: no I/O, no clock of its own. Callers pass ``now`` so the budget is testable exhaustively.
+Pure: no I/O, no clock of its own. Callers pass ``now`` so that every rule is table-testable.
+Restart intensity is Erlang/OTP's: at most ``max_restarts`` restarts in ``window_s`` seconds,
+for each engine and for each group; a run of ``stable_after_s`` without a fault forgives the
+restarts before it (systemd's ``RestartSteps`` shape).
 """
 
 from __future__ import annotations
 
 import enum
-import random
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,7 +20,19 @@ class GroupState(enum.StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
+    DEGRADED = "degraded"  # some engine FAILED on its own budget; the others serve
     RECOVERING = "recovering"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+class EngineState(enum.StrEnum):
+    """One engine as status shows it: what the plan wants of it and how far it got."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
     BACKOFF = "backoff"
     FAILED = "failed"
     STOPPING = "stopping"
@@ -30,14 +43,18 @@ class IllegalTransition(RuntimeError):
 
 
 _S = GroupState
+# STOPPED is reachable from every state: a stop (drain, restart) of a GPU with nothing
+# running left is immediate, without a STOPPING in between.
 TRANSITIONS: dict[GroupState, frozenset[GroupState]] = {
-    _S.STOPPED: frozenset({_S.STARTING, _S.FAILED, _S.STOPPING}),  # FAILED: a fatal Xid first
-    _S.STARTING: frozenset({_S.RUNNING, _S.RECOVERING, _S.FAILED, _S.STOPPING}),
-    _S.RUNNING: frozenset({_S.RECOVERING, _S.FAILED, _S.STOPPING}),
-    _S.RECOVERING: frozenset({_S.BACKOFF, _S.FAILED, _S.STOPPING}),
-    _S.BACKOFF: frozenset({_S.STARTING, _S.FAILED, _S.STOPPING}),
-    _S.FAILED: frozenset({_S.STARTING, _S.STOPPING}),
-    _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),  # FAILED: the stop itself broke
+    _S.STOPPED: frozenset({_S.STARTING, _S.FAILED, _S.STOPPING}),  # FAILED: a verdict first
+    _S.STARTING: frozenset({_S.RUNNING, _S.DEGRADED, _S.RECOVERING, _S.FAILED, _S.STOPPING,
+                            _S.STOPPED}),
+    _S.RUNNING: frozenset({_S.DEGRADED, _S.RECOVERING, _S.FAILED, _S.STOPPING, _S.STOPPED}),
+    _S.DEGRADED: frozenset({_S.RUNNING, _S.RECOVERING, _S.FAILED, _S.STOPPING, _S.STOPPED}),
+    _S.RECOVERING: frozenset({_S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STOPPED}),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.RECOVERING, _S.FAILED, _S.STOPPING, _S.STOPPED}),
+    _S.FAILED: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),  # FAILED: a process would not die
 }
 
 
@@ -46,74 +63,69 @@ def can_transition(current: GroupState, new: GroupState) -> bool:
     return new in TRANSITIONS[current]
 
 
-@dataclass
-class RestartBudget:
-    """Counts restarts in a sliding window; says when a group must give up (crash loop).
-
-    Uptime of ``stable_after_s`` in RUNNING forgives every earlier restart (systemd ≥ 254
-    ``RestartSteps`` shape); ``reset()`` is what ``mpsd restart GPU`` does.
-    """
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Intensity and backoff, from ``[restart]``; the same numbers bound an engine and a group."""
 
     max_restarts: int
     window_s: float
     stable_after_s: float
     backoff_initial_s: float
     backoff_max_s: float
-    _times: deque[float] = field(default_factory=deque)
 
-    def record(self, now: float) -> None:
-        """Note one restart at ``now``."""
-        self._times.append(now)
-        self._expire(now)
+    @classmethod
+    def of(cls, config: RestartConfig) -> RestartPolicy:
+        return cls(config.max_restarts, config.window_s, config.stable_after_s,
+                   config.backoff_initial_s, config.backoff_max_s)
 
-    def count(self, now: float) -> int:
-        """Restarts still inside the window at ``now``."""
-        self._expire(now)
-        return len(self._times)
 
-    def exhausted(self, now: float) -> bool:
-        """True once more than ``max_restarts`` restarts fall inside ``window_s``."""
-        return self.count(now) > self.max_restarts
+@dataclass(frozen=True)
+class Restarts:
+    """The restarts of one engine or group still counting against its intensity (immutable).
 
-    def ran_stable(self, running_since: float, now: float) -> bool:
-        """Forget earlier restarts when the group ran ``stable_after_s`` without a fault."""
-        if now - running_since >= self.stable_after_s:
-            self._times.clear()
-            return True
-        return False
+    ``times`` are monotonic seconds. ``stable_since`` is when it last became healthy (ready,
+    or RUNNING): a fault after ``stable_after_s`` of health forgives the restarts before it.
+    """
 
-    def reset(self) -> None:
-        self._times.clear()
+    times: tuple[float, ...] = ()
+    stable_since: float | None = None
 
-    def update(self, config: RestartConfig) -> None:
-        """Take new limits (reload) and keep the restarts already counted."""
-        self.max_restarts = config.max_restarts
-        self.window_s = config.window_s
-        self.stable_after_s = config.stable_after_s
-        self.backoff_initial_s = config.backoff_initial_s
-        self.backoff_max_s = config.backoff_max_s
+    def count(self, now: float, policy: RestartPolicy) -> int:
+        """Restarts inside the window at ``now``."""
+        return sum(1 for t in self.times if now - t <= policy.window_s)
 
-    def next_start(self, now: float, fatal: bool, rng: random.Random) -> float | None:
-        """Count a restart at ``now``: the delay before the next start, or None when the fault
-        is ``fatal`` or this restart makes a crash loop."""
-        self.record(now)
-        return None if fatal or self.exhausted(now) else self.backoff(now, rng)
+    def record(self, now: float, policy: RestartPolicy) -> Restarts:
+        """One more restart at ``now`` (after forgiving a long healthy run); ``stable_since``
+        is cleared: it is healthy again only once it says so (:meth:`healthy`)."""
+        kept = () if self.forgiven(now, policy) else self.times
+        return Restarts((*(t for t in kept if now - t <= policy.window_s), now), None)
 
-    def crash_loop(self, now: float, reason: str) -> str:
-        """Why a group gave up: the restarts in the window, then the last fault's reason."""
-        return f"crash loop ({self.count(now)} restarts in {self.window_s:g} s): {reason}"
+    def forgiven(self, now: float, policy: RestartPolicy) -> bool:
+        return self.stable_since is not None and now - self.stable_since >= policy.stable_after_s
 
-    def backoff(self, now: float, rng: random.Random) -> float:
-        """Delay before the next start: exponential in the recent restarts, with jitter.
+    def healthy(self, now: float) -> Restarts:
+        """It became healthy at ``now`` (kept when it already was)."""
+        return self if self.stable_since is not None else Restarts(self.times, now)
 
-        Half of the exponential step is fixed and half random ("equal jitter"), so restarts of
-        several groups spread out without any of them retrying at once.
-        """
-        attempts = max(self.count(now), 1)
-        step = min(self.backoff_max_s, self.backoff_initial_s * 2.0 ** (attempts - 1))
-        jitter: float = rng.uniform(0, step / 2)
-        return step / 2 + jitter
+    def unhealthy(self) -> Restarts:
+        return Restarts(self.times, None)
 
-    def _expire(self, now: float) -> None:
-        while self._times and now - self._times[0] > self.window_s:
-            self._times.popleft()
+    def exhausted(self, now: float, policy: RestartPolicy) -> bool:
+        """More than ``max_restarts`` restarts inside ``window_s``: give up (crash loop)."""
+        return self.count(now, policy) > policy.max_restarts
+
+    def backoff_step(self, now: float, policy: RestartPolicy) -> float:
+        """The exponential step before the next start: ``backoff_initial_s`` doubled per
+        recent restart, at most ``backoff_max_s``. Half of it is fixed, half is jitter
+        (:func:`jittered`), so that several GPUs restarting together spread out."""
+        attempts = max(self.count(now, policy), 1)
+        return min(policy.backoff_max_s, policy.backoff_initial_s * 2.0 ** (attempts - 1))
+
+    def crash_loop(self, now: float, policy: RestartPolicy, reason: str) -> str:
+        """Why it gave up: the restarts in the window, then the last fault's reason."""
+        return f"crash loop ({self.count(now, policy)} restarts in {policy.window_s:g} s): {reason}"
+
+
+def jittered(step: float, uniform: float) -> float:
+    """Equal jitter: ``step/2`` fixed plus ``uniform`` (in [0, 1)) of the other half."""
+    return step / 2 + uniform * step / 2
