@@ -167,18 +167,25 @@ class Mpsd:
         self.config_file.write_text(render_toml(self.config()))
         return self.config_file
 
-    def start(self) -> Mpsd:
-        self.write_config()
+    def run_env(self) -> dict[str, str]:
+        """The environment ``mpsd run`` gets: this interpreter's bin first on PATH, the test's
+        notify socket only, and the work directory as a marker the leftover check finds."""
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.pop("NOTIFY_SOCKET", None)
         if self.notify_socket:
             env["NOTIFY_SOCKET"] = self.notify_socket
         env["MPSD_TEST_MARKER"] = str(self.workdir)
+        return env
+
+    def run_argv(self) -> list[str]:
+        return [sys.executable, "-m", "mpsd", "run", "-c", str(self.config_file)]
+
+    def start(self) -> Mpsd:
+        self.write_config()
         with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mpsd", "run", "-c", str(self.config_file)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(self.run_argv(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.run_env(), start_new_session=True)
         return self
 
     # -- reading -------------------------------------------------------------------------

@@ -31,6 +31,12 @@ count from readiness unless stated):
   FAKE_ENGINE_CONTROL_DIR       poll ``<dir>/<port>.cmd`` every 50 ms for one of ``crash``,
                                 ``hang``, ``unhang``, ``unhealthy``, ``healthy``, ``slow <s>``,
                                 ``canary_fail``, ``canary_ok``; the file is deleted once read
+                                ``<dir>/<port>.start`` (opt-in, read once at start-up) arms a
+                                fault for the next engine started on that port: ``fail``
+                                (exit 1 at start), ``hang`` (EngineCore loads for ever) or
+                                ``canary_fail``; ``VERB N`` arms the next N starts (the file
+                                counts down and goes at 0), a bare ``VERB`` stays until the
+                                test deletes the file
   FAKE_GPU_DIR                  opt-in shared-GPU model (fake_gpu.py): the engines of a test
                                 register in ``<dir>/<device>/<pid>``; tokens then come from a
                                 continuous-batching step clock whose step time depends on the
@@ -171,6 +177,33 @@ def _take_command(path: Path) -> str | None:
     return text or None
 
 
+def _take_start_fault(port: int) -> str | None:
+    """The fault armed in ``<control dir>/<port>.start`` for this start-up, counting it down.
+
+    Why a file read at start: a fault explorer arms a fault for the *next* process on a port
+    (the restart mpsd is about to make), which no environment knob of the config can do."""
+    control_dir = os.environ.get("FAKE_ENGINE_CONTROL_DIR")
+    if not control_dir:
+        return None
+    path = Path(control_dir) / f"{port}.start"
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return None
+    if not words:
+        return None
+    if len(words) > 1 and words[1].isdigit():
+        left = int(words[1]) - 1
+        if left > 0:
+            tmp = path.with_name(f".{port}.start.tmp")
+            tmp.write_text(f"{words[0]} {left}")
+            tmp.rename(path)
+        else:
+            path.unlink(missing_ok=True)
+    fakeutil.EventLog("FAKE_ENGINE_EVENTS", f"engine:{port}").emit("start_fault", fault=words[0])
+    return words[0]
+
+
 class ApiServer:
     """The API server process: EngineCore child, HTTP listener, knobs, signals, exit code."""
 
@@ -214,7 +247,11 @@ class ApiServer:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
-        if fakeutil.knob_bool("FAKE_ENGINE_FAIL_START", a.port):
+        armed = _take_start_fault(a.port)
+        if armed == "hang":  # EngineCore inherits a load that never ends
+            os.environ[f"FAKE_ENGINE_START_DELAY_S_PORT_{a.port}"] = "86400"
+        self.st.canary_fail = self.st.canary_fail or armed == "canary_fail"
+        if armed == "fail" or fakeutil.knob_bool("FAKE_ENGINE_FAIL_START", a.port):
             print(f"OSError: {a.model} is not a local folder and is not a valid model "
                   "identifier listed on 'https://huggingface.co/models'", file=sys.stderr,
                   flush=True)

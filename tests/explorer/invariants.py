@@ -1,0 +1,194 @@
+"""What must hold after every step (once settled) and at the end.
+
+Each check returns the violations it sees now, as sentences. ``settle`` polls them until none
+is left or a bound passes: a fault may take seconds to mend (a backoff, a start-up), but a
+state that is still wrong at the bound is a finding. The status contract of the supervision
+rewrite (group ``state``/``desired``/``observed_generation``, engine ``state``/``reason``) is
+checked where the status carries it; without it the group's state and reason explain an engine
+that is not ready.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.explorer.steps import Check
+from tests.explorer.world import World, alive, model_of
+from tests.harness import http
+
+SETTLE_S = 45.0  # a start-up timeout (5 s) and a few backoffs and restarts fit in it
+EXPLAINED = frozenset({"failed"})
+MOVING = frozenset({"starting", "backoff", "stopping"})
+
+
+def mpsd_alive(w: World) -> list[str]:
+    proc = w.m.proc
+    if proc is not None and proc.poll() is not None:
+        return [f"mpsd exited {proc.returncode} without being told to stop"]
+    return []
+
+
+def _engine_answers(port: int) -> bool:
+    try:
+        return http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def _group_explains(group: dict[str, Any]) -> bool:
+    return group.get("state") in EXPLAINED and bool(group.get("reason"))
+
+
+def engines_accounted(w: World, st: dict[str, Any]) -> list[str]:
+    """Every engine the config wants is ready (live PID, answering), or its state says why
+    not: FAILED with a reason (the engine's or its group's), or its GPU drained."""
+    out: list[str] = []
+    groups = {g["gpu"]: g for g in st["groups"]}
+    for gpu in range(w.gpus):
+        group = groups.get(f"gpu{gpu}")
+        if group is None:
+            out.append(f"gpu{gpu} is missing from /mpsd/status")
+            continue
+        engines = group["engines"]
+        if len(engines) != w.replicas:
+            out.append(f"gpu{gpu} lists {len(engines)} engines, the config wants {w.replicas}")
+        if "desired" in group and "observed_generation" in group:
+            desired = group["desired"] or {}
+            if desired.get("generation") != group["observed_generation"]:
+                out.append(f"gpu{gpu} has not converged: desired generation "
+                           f"{desired.get('generation')}, observed {group['observed_generation']}")
+        for e in engines:
+            out += _engine_accounted(w, gpu, group, e)
+        if group.get("state") == "degraded" and not any(
+                e.get("state") == "failed" for e in engines):
+            out.append(f"gpu{gpu} is degraded with no FAILED engine")
+    return out
+
+
+def _engine_accounted(w: World, gpu: int, group: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    key, state = e["key"], e.get("state")
+    if e["ready"]:
+        if not alive(e.get("pid")):
+            return [f"{key} is ready in status but its pid {e.get('pid')} is not alive"]
+        if not _engine_answers(int(e["port"])):
+            return [f"{key} is ready in status but does not answer /health on {e['port']}"]
+        if state is not None and state != "ready":
+            return [f"{key} is routable but its state is {state}"]
+        return []
+    if gpu in w.drained:
+        return []
+    if state == "failed" and e.get("reason"):
+        return []
+    if state is None and _group_explains(group):
+        return []
+    if group.get("state") == "failed" and group.get("reason"):
+        return []
+    return [f"{key} is not ready and nothing says why (group {group.get('state')}: "
+            f"{group.get('reason')!r}; engine state {state}: {e.get('reason')!r}; "
+            f"pid {e.get('pid')})"]
+
+
+def health_matches(w: World, st: dict[str, Any]) -> list[str]:
+    routable = int(st.get("routable", 0))
+    code = w.health()
+    if routable > 0 and code != 200:
+        return [f"/health says {code} while {routable} engines are routable"]
+    if routable == 0 and code == 200:
+        return ["/health says 200 with no routable engine"]
+    return []
+
+
+def processes_match(w: World, st: dict[str, Any]) -> list[str]:
+    """Every process of the work dir is mpsd's (or ours), every engine process is one the
+    status names, every EngineCore has its API server, one MPS daemon per GPU at most."""
+    out: list[str] = []
+    procs = {p.pid: p for p in w.processes()}
+    engine_pids = {e["pid"] for g in st["groups"] for e in g["engines"] if e.get("pid")}
+    mps_pids = {g["mps"]["pid"] for g in st["groups"] if g.get("mps") and g["mps"].get("pid")}
+    for p in procs.values():
+        if not w.is_ours(p, procs):
+            out.append(f"orphan {p.role} pid {p.pid} (ppid {p.ppid}): {p.cmdline[:100]}")
+        elif p.role == "engine" and p.pid not in engine_pids and not _helper_child(w, p, procs):
+            out.append(f"engine process {p.pid} is not in /mpsd/status (leaked)")
+        elif p.role == "engine-core" and procs.get(p.ppid) is None:
+            out.append(f"EngineCore {p.pid} lost its API server (ppid {p.ppid})")
+        elif p.role == "mps-daemon" and p.pid not in mps_pids and not _helper_child(w, p, procs):
+            out.append(f"MPS daemon {p.pid} is not the one /mpsd/status names {sorted(mps_pids)}")
+    return out
+
+
+def _helper_child(w: World, p: Any, procs: dict[int, Any]) -> bool:
+    """A process of a second ``mpsd run`` (whose own fate the step checks)."""
+    pid = p.ppid
+    while pid > 1 and pid in procs:
+        if pid in w.helpers:
+            return True
+        pid = procs[pid].ppid
+    return pid in w.helpers
+
+
+def general(w: World) -> list[str]:
+    dead = mpsd_alive(w)
+    if dead:
+        return dead
+    st = w.status()
+    if st is None:
+        return ["/mpsd/status does not answer"]
+    return engines_accounted(w, st) + health_matches(w, st) + processes_match(w, st)
+
+
+def calm_ready_gpus(w: World) -> None:
+    """A GPU whose engines all serve again ends its disturbance window."""
+    st = w.status()
+    if st is None:
+        return
+    for g in st["groups"]:
+        gpu = int(g["gpu"].removeprefix("gpu"))
+        if gpu < w.gpus and g["engines"] and all(e["ready"] for e in g["engines"]):
+            w.calm(gpu)
+
+
+def settle(w: World, checks: list[Check], bound: float = SETTLE_S) -> list[str]:
+    """Poll the general invariants and ``checks`` until all hold or ``bound`` passes."""
+    deadline = time.monotonic() + bound
+    while True:
+        found = general(w)
+        if not found:
+            found = [v for check in checks for v in check()]
+        if not found:
+            calm_ready_gpus(w)
+            return []
+        if time.monotonic() > deadline or mpsd_alive(w):
+            return found
+        time.sleep(0.2)
+
+
+def requests_ok(w: World, seen: dict[int, int]) -> list[str]:
+    """Requests that failed while their GPU was not disturbed (reported once each)."""
+    out: list[str] = []
+    for gpu, load in w.loads.items():
+        sent = list(load.sent)
+        bad = [r for r in sent[seen.get(gpu, 0):] if not r.ok
+               and not w.was_disturbed(gpu, r.t0, r.t1)
+               and (w.stopping_at is None or r.t1 < w.stopping_at)]
+        seen[gpu] = len(sent)
+        if bad:
+            whats = sorted({r.what[:100] for r in bad})[:3]
+            out.append(f"{len(bad)} requests to {model_of(gpu)} failed while gpu{gpu} was not "
+                       f"disturbed, e.g. {whats}")
+    return out
+
+
+def idle(w: World) -> list[str]:
+    """With the load stopped: nothing in flight or queued anywhere."""
+    st = w.status()
+    if st is None:
+        return ["/mpsd/status does not answer"]
+    out = [f"{e['key']} still has {e['inflight']} in flight"
+           for g in st["groups"] for e in g["engines"] if e.get("inflight")]
+    if st.get("inflight"):
+        out.append(f"{st['inflight']} requests in flight with no load")
+    if st.get("queued"):
+        out.append(f"{st['queued']} requests queued with no load")
+    return out

@@ -1,0 +1,280 @@
+"""The world a schedule runs in: one ``mpsd run`` on the fakes, its client load, its processes.
+
+Two GPUs, each serving its own model name (``m-gpu0``, ``m-gpu1``), so that every request of the
+load says which GPU it needed and "no request to an unaffected GPU failed" can be checked. mpsd's
+stdout is a pipe that a thread copies to ``mpsd.log``: the closed-stdout fault closes that pipe's
+reader, as a dead journald or a vanished terminal would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tests.harness import FAKE_MPS, FAKE_VLLM, Mpsd, http, processes_mentioning, render_toml
+from tests.load import MixedLoad
+
+TOKEN_DELAY_S = 0.01  # a request of the load takes ~0.3 s: streams flow while faults land
+STARTUP_TIMEOUT_S = 5.0
+STALL_TIMEOUT_S = 2.0
+STOP_BOUND_S = 30.0  # SIGTERM to exit: drain 2 s + stop 2 s per engine + MPS quit, with room
+
+
+def model_of(gpu: int) -> str:
+    return f"m-gpu{gpu}"
+
+
+@dataclass
+class Proc:
+    """One process of the world as /proc shows it."""
+
+    pid: int
+    ppid: int
+    cmdline: str
+
+    @property
+    def role(self) -> str:
+        c = self.cmdline
+        if "fake_engine_core.py" in c:
+            return "engine-core"
+        if "fake-vllm" in c:
+            return "engine"
+        if "fake_mps_server.py" in c:
+            return "mps-server"
+        if "nvidia-cuda-mps-control" in c:
+            return "mps-daemon" if " -f" in c or " -d" in c else "mps-tool"
+        if " mpsd run" in c:
+            return "mpsd"
+        if " mpsd " in c:
+            return "mpsd-cli"
+        return "other"
+
+
+def read_proc(pid: int) -> Proc | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if stat[0] == "Z":
+            return None
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return None
+    return Proc(pid, int(stat[1]), cmdline)
+
+
+def alive(pid: int | None) -> bool:
+    return pid is not None and read_proc(pid) is not None
+
+
+@dataclass
+class World:
+    """One ``mpsd run`` under test plus the load, the nemesis' helpers and what happened."""
+
+    workdir: Path
+    mps: str = "on"
+    gpus: int = 2
+    replicas: int = 2
+    clients_per_gpu: int = 2
+    m: Mpsd = field(init=False)
+    doc: dict[str, Any] = field(init=False)
+    loads: dict[int, MixedLoad] = field(default_factory=dict)
+    # per GPU, the intervals [start, end] during which a step meant to disturb it
+    disturbed: dict[int, list[list[float]]] = field(default_factory=dict)
+    drained: set[int] = field(default_factory=set)
+    stdout_closed: bool = False
+    stopping_at: float | None = None  # when SIGTERM was sent
+    helpers: set[int] = field(default_factory=set)  # our own CLI processes and second runs
+    _pump: threading.Thread | None = None
+    _reader: IO[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.m = Mpsd(self.workdir, gpus=self.gpus, replicas=self.replicas, mps=self.mps)
+        self.doc = self._config()
+        self.disturbed = {g: [] for g in range(self.gpus)}
+
+    # -- config --------------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        doc = self.m.config()
+        doc["proxy"].update({"stall_timeout_s": STALL_TIMEOUT_S})
+        doc["restart"].update({"max_restarts": 6, "window_s": 30, "stable_after_s": 30})
+        doc["defaults"].update({"startup_timeout_s": STARTUP_TIMEOUT_S, "health_interval_s": 0.3,
+                                "health_failures": 2})
+        doc["defaults"]["env"]["FAKE_ENGINE_TOKEN_DELAY_S"] = str(TOKEN_DELAY_S)
+        for i, gpu in enumerate(doc["gpu"]):
+            gpu["engine"][0]["served_model_name"] = model_of(i)
+            gpu["engine"][0]["name"] = model_of(i)
+        return doc
+
+    def write(self, doc: dict[str, Any]) -> None:
+        tmp = self.m.config_file.with_suffix(".tmp")
+        tmp.write_text(render_toml(doc))
+        tmp.rename(self.m.config_file)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start ``mpsd run`` with its stdout on a pipe, then the load once both GPUs serve."""
+        self.write(self.doc)
+        proc = subprocess.Popen(self.m.run_argv(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=self.m.run_env(),
+                                start_new_session=True)
+        self.m.proc = proc
+        assert proc.stdout is not None
+        self._reader = proc.stdout
+        self._pump = threading.Thread(target=self._copy_log, args=(proc.stdout,), daemon=True)
+        self._pump.start()
+
+    def _copy_log(self, reader: IO[bytes]) -> None:
+        with self.m.log_file.open("ab") as log, contextlib.suppress(OSError, ValueError):
+            for line in iter(reader.readline, b""):
+                log.write(line)
+                log.flush()
+
+    def close_stdout(self) -> None:
+        """The reader of mpsd's stdout goes away: its next writes get EPIPE/SIGPIPE."""
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._reader.fileno())
+            self.stdout_closed = True
+
+    def start_load(self) -> None:
+        for g in range(self.gpus):
+            self.loads[g] = MixedLoad(self.m.url, self.clients_per_gpu, model_of(g)).__enter__()
+
+    def stop_load(self) -> None:
+        for load in self.loads.values():
+            load.__exit__(None, None, None)
+
+    def sigterm(self) -> None:
+        assert self.m.proc is not None
+        self.stopping_at = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            self.m.proc.send_signal(signal.SIGTERM)
+
+    def teardown(self) -> None:
+        """Whatever happened: load stopped, mpsd and every process of the work dir gone."""
+        self.stop_load()
+        self.m.kill()
+        for pid in self.helpers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            subprocess.run(["chattr", "-R", "-i", str(self.workdir)], capture_output=True,
+                           check=False, timeout=10)
+        if self._pump is not None:
+            self._pump.join(5)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any] | None:
+        """``/mpsd/status``, or None when mpsd does not answer it."""
+        try:
+            code, _, body = http("GET", f"{self.m.url}/mpsd/status", timeout=3)
+        except OSError:
+            return None
+        if code != 200:
+            return None
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def health(self) -> int | None:
+        try:
+            return http("GET", f"{self.m.url}/health", timeout=3)[0]
+        except OSError:
+            return None
+
+    def engines(self, gpu: int) -> list[dict[str, Any]]:
+        st = self.status() or {"groups": []}
+        return next((g["engines"] for g in st["groups"] if g["gpu"] == f"gpu{gpu}"), [])
+
+    def engine(self, gpu: int, index: int) -> dict[str, Any] | None:
+        engines = self.engines(gpu)
+        return engines[index % len(engines)] if engines else None
+
+    def processes(self) -> list[Proc]:
+        """Every live process of this world except the explorer itself."""
+        found = (read_proc(pid) for pid in processes_mentioning(str(self.workdir)))
+        return [p for p in found if p is not None]
+
+    def is_ours(self, proc: Proc, procs: dict[int, Proc]) -> bool:
+        """Whether ``proc`` descends from the mpsd under test or from one of our helpers."""
+        roots = {self.m.proc.pid} if self.m.proc else set()
+        roots |= self.helpers
+        seen = 0
+        pid: int | None = proc.pid
+        while pid is not None and seen < 64:
+            if pid in roots:
+                return True
+            parent = procs.get(pid) or read_proc(pid)
+            pid = parent.ppid if parent is not None and parent.ppid > 1 else None
+            seen += 1
+        return False
+
+    # -- disturbance bookkeeping ---------------------------------------------------------
+
+    def disturb(self, gpus: set[int], at: float | None = None) -> None:
+        now = time.time() if at is None else at
+        for g in gpus:
+            spans = self.disturbed[g]
+            if not spans or spans[-1][1] != math.inf:
+                spans.append([now, math.inf])
+
+    def calm(self, gpu: int) -> None:
+        spans = self.disturbed[gpu]
+        if spans and spans[-1][1] == math.inf:
+            spans[-1][1] = time.time()
+
+    def was_disturbed(self, gpu: int, t0: float, t1: float) -> bool:
+        # a request ends a moment after its engine's death is seen: a second of slack
+        return any(a - 1.0 <= t1 and t0 <= b + 1.0 for a, b in self.disturbed[gpu])
+
+    # -- commands ------------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``mpsd <args> -c <config>`` as an operator runs it; a hang is an exit code 124."""
+        proc = subprocess.Popen([sys.executable, "-m", "mpsd", *args, "-c",
+                                 str(self.m.config_file)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.helpers.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            code = 124
+        self.helpers.discard(proc.pid)
+        return subprocess.CompletedProcess(proc.args, code, out, err)
+
+    def second_run(self) -> subprocess.Popen[bytes]:
+        """Another ``mpsd run`` with the same config (quickstart twice, ``sudo mpsd run``)."""
+        log = (self.workdir / "second.log").open("ab")
+        proc = subprocess.Popen(self.m.run_argv(), stdout=log, stderr=subprocess.STDOUT,
+                                env=self.m.run_env(), start_new_session=True)
+        log.close()
+        self.helpers.add(proc.pid)
+        return proc
+
+    def arm_start_fault(self, port: int, fault: str) -> None:
+        """The next engine(s) started on ``port`` get ``fault`` (see fake_vllm.py)."""
+        tmp = self.m.control_dir / f".{port}.start.tmp"
+        tmp.write_text(fault)
+        tmp.rename(self.m.control_dir / f"{port}.start")
+
+    def disarm_start_faults(self) -> None:
+        for path in self.m.control_dir.glob("*.start"):
+            path.unlink(missing_ok=True)
+
+
+__all__ = ["FAKE_MPS", "FAKE_VLLM", "STOP_BOUND_S", "World", "alive", "model_of"]
