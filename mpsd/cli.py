@@ -25,6 +25,7 @@ from mpsd.control import client as control_client
 from mpsd.errors import ConfigError, ExitCode, MpsdError
 from mpsd.host import facts
 from mpsd.plan.view import plan_dict, plan_text
+from mpsd.supervise.preflight import cannot_start, preflight, start_up_only
 
 #: What a shell reports for a command ended by SIGINT (Ctrl-C) and by SIGPIPE (a closed pipe).
 INTERRUPTED = 130
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="config file (default: $MPSD_CONFIG or "
                        "/etc/mpsd/mpsd.toml)")
     check.add_argument("--json", action="store_true", help="print the plan as JSON")
+    check.add_argument("--file-only", action="store_true",
+                       help="check the file and its plan only, not this host's executables, "
+                       "models, ports and directories (a config meant for another host)")
     status = sub.add_parser("status", help="show GPUs, engines and faults of the running daemon")
     status.add_argument("--json", action="store_true", help="print the raw status JSON")
     restart = sub.add_parser("restart", help="restart one GPU (clears FAILED)")
@@ -125,7 +129,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return tune.run(args)
     try:
         if args.command == "check-config":
-            return _check_config(file, args.json)
+            return _check_config(file, args.json, args.file_only)
         logs.setup("auto")
         from mpsd import daemon  # noqa: PLC0415 - the proxy's imports are for serving only
 
@@ -141,14 +145,41 @@ def _main(argv: Sequence[str] | None) -> int:
         return ExitCode.FAILURE
 
 
-def _check_config(file: str, as_json: bool) -> int:
-    """Print the plan and nothing else: only warnings reach stderr (the plan itself says why
-    MPS is on or off, so e.g. "no NVML here" needs no log line of its own)."""
+def _check_config(file: str, as_json: bool, file_only: bool) -> int:
+    """Print the plan, then run the preflight ``mpsd run`` and ``mpsd reload`` run (exit 78
+    with every problem it finds) and say what only start-up can tell. Only warnings and the
+    verdict reach stderr (the plan itself says why MPS is on or off, so e.g. "no NVML here"
+    needs no log line of its own)."""
     logs.setup("console", "warning")
     resolved = anyio.run(facts.resolve, file)
-    print(json.dumps(plan_dict(resolved.plan), indent=2) if as_json
-          else plan_text(resolved.plan))
+    problems = [] if file_only else _preflight(resolved)
+    later = start_up_only(resolved.plan)
+    if as_json:
+        print(json.dumps({**plan_dict(resolved.plan), "problems": problems,
+                          "checked": "file" if file_only else "host",
+                          "start_up_only": later}, indent=2))
+    else:
+        print(plan_text(resolved.plan))
+        checked = ("the file and its plan" if file_only else
+                   "the file, its plan, executables, models, ports and directories")
+        print(f"\nchecked: {checked}\nonly start-up can tell:"
+              + "".join(f"\n  - {line}" for line in later))
+    if problems:
+        print(f"mpsd: {cannot_start(file, problems)}", file=sys.stderr)
+        return ExitCode.CONFIG
     return ExitCode.OK
+
+
+def _preflight(resolved: facts.Resolved) -> list[str]:
+    """The preflight of :func:`mpsd.supervise.preflight.preflight` as ``mpsd run`` would run
+    it now: while a daemon owns the state directory, its engines' ports and its proxy's
+    address are its own, not taken."""
+    config = resolved.config
+    held = control_client.running_engine_ports(config.daemon.state_dir)
+    return preflight(resolved.plan, control_binary=config.mps.control_binary,
+                     state_dir=config.daemon.state_dir, held_ports=held or (),
+                     listen=None if held is not None else (config.proxy.host,
+                                                           config.proxy.port))
 
 
 if __name__ == "__main__":

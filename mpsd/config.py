@@ -320,16 +320,19 @@ def _anchor_engine(engine: EngineConfig, file: str) -> EngineConfig:
     if engine.command:
         changes["command"] = [_command_path(engine.command[0], file), *engine.command[1:]]
     local_model = relative_to_file(engine.model, file)
-    if not Path(engine.model).is_absolute() and local_model.exists():
-        # a model directory beside the config; clients keep asking for the name as written
+    written_as_path = engine.model.startswith(("./", "../"))
+    if not Path(engine.model).is_absolute() and (written_as_path or local_model.exists()):
+        # a model directory beside the config (one that is missing is the preflight's to
+        # report); clients keep asking for the name as written
         changes.update(model=str(local_model), served_model_name=engine.served_name)
     return engine.model_copy(update=changes)
 
 
 def anchor_paths(config: Config, file: str) -> Config:
     """``config`` with its relative paths made absolute from ``file``'s directory: state and
-    log dirs, the API key file, executables written as paths, and a model directory that
-    exists there (a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` stays as it is)."""
+    log dirs, the API key file, executables written as paths, and a model written as a path
+    (``./m``, ``../m``) or existing there (a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct``
+    stays as it is)."""
     daemon = config.daemon.model_copy(update={
         "state_dir": relative_to_file(config.daemon.state_dir, file),
         "log_dir": relative_to_file(config.daemon.log_dir, file)})

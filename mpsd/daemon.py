@@ -36,7 +36,7 @@ from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
 from mpsd.proxy.server import ProxyServer
 from mpsd.supervise.contract import GroupOptions
-from mpsd.supervise.preflight import preflight
+from mpsd.supervise.preflight import CannotStart, preflight, preflight_start
 from mpsd.supervise.process import reap_leftovers
 from mpsd.supervise.supervisor import Supervisor
 
@@ -209,8 +209,10 @@ async def run(file: str) -> ExitCode:
     for warning in plan.warnings:
         _log.warning("plan_warning", detail=warning)
     options = group_options(config)
-    if options.registry is not None:
-        reap_leftovers(options.registry)
+    reaped = reap_leftovers(options.registry) if options.registry is not None else []
+    problems = await preflight_start(plan, config, settle_s=2.0 if reaped else 0.0)
+    if problems:  # what check-config and reload say of this file, before anything starts
+        raise CannotStart(file, problems)
     if plan.proxy_cpus:
         os.sched_setaffinity(0, plan.proxy_cpus)
         _log.info("proxy_cpus", cpus=list(plan.proxy_cpus))

@@ -136,6 +136,19 @@ def request(path: Path, method: str, url: str,
     return resp.status, body
 
 
+def running_engine_ports(state_dir: Path) -> list[int] | None:
+    """The ports of the engines of the daemon that owns ``state_dir``; None when none answers
+    there (``check-config`` then takes every port in use as another program's)."""
+    try:
+        code, body = request(socket_path(state_dir), "GET", "/status")
+    except ControlUnavailable:
+        return None
+    if code != 200:
+        return None
+    return [int(e["port"]) for g in body.get("groups", []) for e in g.get("engines", [])
+            if isinstance(e, dict) and isinstance(e.get("port"), int)]
+
+
 def _fail(message: str) -> int:
     print(f"mpsd: {message}", file=sys.stderr)
     return ExitCode.FAILURE

@@ -41,6 +41,8 @@ class EnginePlan:
     replica: int
     kind: Literal["vllm", "command"]
     model: str
+    #: What the engine loads: a local path (absolute once planned) or a hub id.
+    model_source: str
     port: int
     argv: tuple[str, ...]
     env: Mapping[str, str]
@@ -54,6 +56,11 @@ class EnginePlan:
     stop_timeout_s: float
     health_interval_s: float
     health_failures: int
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The local model directory (None for a hub id, which is fetched at start-up)."""
+        return Path(self.model_source) if Path(self.model_source).is_absolute() else None
 
     @property
     def base_url(self) -> str:
@@ -192,6 +199,7 @@ def _engine_plan(gpu: str, engine: EngineConfig, replica: int, port: int, uuid: 
     return EnginePlan(
         key=f"{gpu}/{name}-{replica}", gpu=gpu, name=name, replica=replica, kind=engine.kind,
         model=engine.served_name, port=port,
+        model_source=engine.model,
         argv=engine_argv(engine, port, share, substitute),
         env=engine_env(environ, uuid, pipe_dir, log_dir, engine, pinned, substitute),
         memory_share=share, pinned_limit_bytes=pinned,

@@ -215,7 +215,7 @@ def test_bad_config_exits_78_with_file_key_and_fix(mpsd: Mpsd, section: str,
 
 
 def test_check_config_prints_the_plan_of_the_shipped_example() -> None:
-    out = subprocess.run([sys.executable, "-m", "mpsd", "check-config", "-c",
+    out = subprocess.run([sys.executable, "-m", "mpsd", "check-config", "--file-only", "-c",
                           "etc/mpsd/mpsd.toml"], capture_output=True, text=True, timeout=30,
                          check=True, cwd=REPO)
     assert "gpu0/qwen2.5-0.5b-instruct-0" in out.stdout
