@@ -309,3 +309,39 @@ class EngineOutput:
                     "(its own shutdown order, not a fault); shown at log_level debug")
             return "debug"
         return engine_line_level(line, previous)
+
+
+_PROCESS_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) ")
+_LOG_HEADER = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] ")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exit|Fault)): (\S.*)$")
+_POINTS_ELSEWHERE = re.compile(r"root cause", re.IGNORECASE)
+_ERROR_LIMIT = 400
+
+
+class LastError:
+    """The last meaningful error line of a child's output: why it failed, in one line.
+
+    An exception's last line (``HFValidationError: Repo id must be …``, the dotted module path
+    dropped) wins over a plain error-level line; a line that only points at a cause printed
+    earlier (vLLM's "Engine core initialization failed. See root cause above.") never replaces
+    one already seen. Bounded: one line of at most 400 characters is kept, whatever the output.
+    """
+
+    def __init__(self) -> None:
+        self._exception: str | None = None
+        self._error: str | None = None
+
+    def feed(self, line: str) -> None:
+        text = _LOG_HEADER.sub("", _PROCESS_PREFIX.sub("", line, count=1), count=1).strip()
+        if match := _EXCEPTION.match(text):
+            said = f"{match.group(1)}: {match.group(2)}"[:_ERROR_LIMIT]
+            if self._exception is None or not _POINTS_ELSEWHERE.search(said):
+                self._exception = said
+        elif engine_line_level(line) in ("error", "critical") and not text.startswith(
+                ("Traceback", "File ")):
+            self._error = text[:_ERROR_LIMIT]
+
+    @property
+    def line(self) -> str | None:
+        """The cause, or None when the output said nothing that reads as an error."""
+        return self._exception or self._error

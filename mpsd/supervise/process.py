@@ -73,6 +73,7 @@ class ChildProcess:
         self._levels = levels or logs.engine_line_level
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._last_error = logs.LastError()
 
     @property
     def pid(self) -> int:
@@ -86,6 +87,12 @@ class ChildProcess:
         if self._proc is None or self._proc.returncode is not None:
             return None
         return self._proc.pid
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the child failed, in one line: its output's last meaningful error line
+        (:class:`mpsd.logs.LastError`), or None when it printed none."""
+        return self._last_error.line
 
     @property
     def returncode(self) -> int | None:
@@ -189,6 +196,7 @@ class ChildProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
+            self._last_error.feed(line)
             if self._on_line is not None:  # the owner parses and logs this output itself
                 self._on_line(line)
                 continue
