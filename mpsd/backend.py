@@ -25,9 +25,8 @@ class Backend:
     """One engine the proxy can send requests to.
 
     ``key``/``gpu``/``model``/``base_url`` are what the supervisor registers; the rest is
-    runtime state owned by the pool (never written by anyone else, except ``active``, which the
-    relay sets on every read from the engine). Identity semantics (``eq=False``): two backends
-    are never equal just because they look alike.
+    runtime state owned by the pool (never written by anyone else). Identity semantics
+    (``eq=False``): two backends are never equal just because they look alike.
     """
 
     key: str
@@ -43,8 +42,6 @@ class Backend:
     consecutive_5xx: int = 0
     ejections_in_row: int = 0
     ejections: int = 0
-    active: bool = False
-    quiet_since: float = 0.0
     _idle: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
 
     def as_dict(self) -> BackendStatus:

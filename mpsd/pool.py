@@ -15,10 +15,13 @@ first backend, and all traffic ends up on one engine. So the rules here are stri
   so a group marking its engines unroutable takes effect for the very next pick, in the same tick.
 * Routable = *ready* (the supervisor's word: the engine passed its checks) and not *ejected*
   (the proxy's word: passive outlier ejection, as in Envoy and nginx). An answer that shows the
-  engine dead, a refused connection or a stall ejects at once and tells the engine's group
-  (``on_engine_fault``); ``eject_after_errors`` 5xx in a row eject it for a while, longer each time
-  in a row. So an engine that fails fast — and so always has the fewest requests in flight —
-  is never the one least-loaded keeps picking.
+  engine dead, a refused connection or a stalled stream (judged per exchange by the proxy's
+  relay) ejects at once and tells the engine's group (``on_engine_fault``); ``eject_after_errors``
+  5xx in a row eject it for a while, longer each time in a row. So an engine that fails fast —
+  and so always has the fewest requests in flight — is never the one least-loaded keeps picking.
+* An engine condemned (ejected as dead) or removed has its exchanges ended at once by the proxy
+  (``on_backend_gone``), so that none of them keeps its lease: a paused one would never notice
+  that its engine is gone.
 * When every candidate is at the cap (or none is ready), callers wait in **one FIFO queue**, and a
   slot that frees goes straight to the oldest waiter that can use it (no polling, no thundering
   herd): waiting is bounded by the caller's ``wait_s`` (``admission_wait_s``).
@@ -58,6 +61,8 @@ class BackendPool:
         self._rng = rng or random.Random()
         # set once by the supervisor: a backend the proxy found dead or stalled
         self.on_engine_fault: Callable[[Backend, str, str], None] | None = None
+        # set once by the proxy: end every exchange on a backend condemned or removed
+        self.on_backend_gone: Callable[[Backend], None] | None = None
         self._backends: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
         self._all: list[Backend] = []
@@ -85,6 +90,8 @@ class BackendPool:
         if not peers:
             del self._by_model[backend.model]
         self._all = list(self._backends.values())
+        if self.on_backend_gone is not None:
+            self.on_backend_gone(backend)
 
     def set_routable(self, key: str, routable: bool, *, fresh: bool = False) -> None:
         """The supervisor's readiness of ``key``, effective for the very next pick. A ``fresh``
@@ -115,7 +122,8 @@ class BackendPool:
     def eject(self, backend: Backend, now: float, signal: str, reason: str, *,
               dead: bool) -> None:
         """Out of routing from this tick. ``dead``: the engine is gone or hung, its group is
-        told (and readmits it once restarted); else it returns after the ejection time."""
+        told (and readmits it once restarted) and the proxy ends its exchanges; else it returns
+        after the ejection time."""
         if dead:
             backend.ejected_until = math.inf
         else:
@@ -127,6 +135,8 @@ class BackendPool:
         backend.routable = False
         if dead and self.on_engine_fault is not None and backend.key in self._backends:
             self.on_engine_fault(backend, signal, reason)
+        if dead and self.on_backend_gone is not None:
+            self.on_backend_gone(backend)
 
     def answered_5xx(self, backend: Backend, now: float, status: int) -> bool:
         """An engine answered a 5xx; True when that ejected it (``eject_after_errors`` in a row).
@@ -156,18 +166,6 @@ class BackendPool:
                 back = back or backend.routable
         if back:
             self._dispatch()
-
-    def check_stalls(self, now: float, stall_s: float) -> None:
-        """Eject (as dead) an engine with requests in flight that sent no byte for ``stall_s``:
-        a hung engine whose ``/health`` may still answer."""
-        for backend in self._all:
-            if backend.inflight == 0 or backend.active or not backend.quiet_since:
-                backend.active = False
-                backend.quiet_since = now
-            elif stall_s and now - backend.quiet_since >= stall_s and backend.routable:
-                self.eject(backend, now, "stall", f"{backend.key} sent no byte for "
-                           f"{now - backend.quiet_since:.1f}s with {backend.inflight} requests "
-                           "in flight", dead=True)
 
     async def drain(self, key: str, timeout: float) -> bool:  # noqa: ASYNC109 (the contract)
         """Make ``key`` unroutable now and wait until it has nothing in flight; True if idle."""

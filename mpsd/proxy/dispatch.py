@@ -13,6 +13,7 @@ and finished.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import structlog
 
@@ -114,6 +115,14 @@ class Dispatcher:
                     upstream = await self._upstreams.acquire(backend.base_url)
                 except UpstreamConnectError as exc:
                     self._connect_failed(backend, exc)
+                    tried.append(backend)
+                    lease.release()
+                    lease = None
+                    retrying = self._count_retry(retrying, model)
+                    continue
+                if backend.ejected_until == math.inf or self._pool.get(backend.key) is not backend:
+                    # condemned or removed while connecting: never sent, so another engine
+                    self._upstreams.release(upstream, True)
                     tried.append(backend)
                     lease.release()
                     lease = None

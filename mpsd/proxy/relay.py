@@ -14,6 +14,7 @@ client untouched: the proxy may then send the request to another engine instead.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -48,13 +49,21 @@ class Exchange:
     ``retryable``: the engine failed and the client has seen nothing, so another engine may take
     the request (``held``: the engine's answer, for the client if none does); ``tried``: the
     engines this request already failed on.
+
+    Stall detection is per exchange (:meth:`check_stall`, from the proxy's housekeeping): a
+    streaming response that sends nothing for ``stall_timeout_s`` while its client is reading
+    condemns its engine. An exchange paused because its client does not read is not judged (its
+    engine is waiting for it, not hung; the send timeout is the client's limit), and neither is
+    a request before its response head (vLLM sends a non-streaming answer only at its end:
+    ``first_byte_timeout_s`` is that wait's limit).
     """
 
-    __slots__ = ("_buf", "_chunks", "_framing", "_left", "_out", "_paused", "backend",
+    __slots__ = ("_buf", "_chunks", "_framing", "_left", "_out", "_paused", "active", "backend",
                  "backend_model", "backends", "broken", "client", "client_gone", "deadline",
                  "ended", "engine", "error", "head_at", "head_only", "held", "http11",
-                 "keep_alive", "lease", "model", "on_end", "pool", "request", "retryable",
-                 "reusable", "sse", "started", "status", "tried", "upstream")
+                 "keep_alive", "lease", "model", "on_end", "pool", "quiet_since", "request",
+                 "retryable", "reusable", "sse", "started", "status", "streaming", "tried",
+                 "upstream")
 
     def __init__(self, client: FrontConnection, upstream: UpstreamConnection, lease: Lease,
                  request: Request, model: str | None, started: float,
@@ -83,6 +92,9 @@ class Exchange:
         self.deadline = 0.0
         self.broken = False
         self.sse = False
+        self.streaming = False  # an SSE response past its head: judged for stalls
+        self.active = False  # a byte came from the engine since the last stall check
+        self.quiet_since = 0.0
         self.reusable = True
         self.ended = False
         self.client_gone = False
@@ -114,7 +126,7 @@ class Exchange:
     # -- engine -> client -------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        self.backend.active = True  # a byte from the engine: it is not stalled
+        self.active = True  # a byte from the engine: this stream is not stalled
         framing = self._framing
         if framing == _CHUNKED:  # the hot path: an SSE event or a slice of a chunked body
             assert self._chunks is not None
@@ -180,6 +192,10 @@ class Exchange:
                 self._end(len(rest) == left and self.reusable)
         else:
             self._out(head)
+            if self.sse:  # a stream: from now on, judged for stalls
+                self.streaming = True
+                self.quiet_since = self.head_at
+                self.pool.streams.add(self)
             if rest:
                 self.feed(rest)
 
@@ -313,6 +329,8 @@ class Exchange:
             return
         self.ended = True
         self.pool.awaiting.discard(self)
+        if self.streaming:
+            self.pool.streams.discard(self)
         self.lease.release()
         upstream = self.upstream
         if self._paused and upstream.transport is not None:
@@ -369,6 +387,35 @@ class Exchange:
             self._end(False)
         else:
             self._break("the engine closed the connection")
+
+    def check_stall(self, now: float, stall_s: float) -> None:
+        """The housekeeping's look at a stream (every second or so): a stream its client reads
+        that sent nothing for ``stall_s`` is a hung engine; a paused one starts its clock again
+        (its engine waits for the client, and gets the full time once the client reads)."""
+        if self.active or self._paused:
+            self.active = False
+            self.quiet_since = now
+        elif stall_s and now - self.quiet_since >= stall_s and not self.ended:
+            backend = self.backend
+            quiet = now - self.quiet_since
+            if backend.ejected_until != math.inf:  # not condemned already (a sibling stream)
+                self.backends.eject(backend, now, "stall", f"{backend.key} sent nothing for "
+                                    f"{quiet:.1f}s on a stream its client was reading",
+                                    dead=True)
+            self._break(f"the engine sent nothing for {quiet:.0f} s")
+
+    def engine_gone(self) -> None:
+        """The engine was condemned or removed: end now, whatever the client is doing (a
+        paused exchange would otherwise never notice and keep its lease). Before the head the
+        client saw nothing, so another engine may take the request."""
+        if self.ended:
+            return
+        if self._framing < 0 or self._framing == _HELD:
+            self.retryable = True
+            self.held = b""
+            self._fail_before_head(502, "the engine failed before answering")
+        else:
+            self._break("the engine was taken out of service")
 
     def first_byte_timeout(self) -> None:
         if self._framing < 0:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
+from mpsd.backend import Backend
 from mpsd.config import ProxyConfig
 from mpsd.errors import ConfigError
 from mpsd.pool import BackendPool
@@ -35,6 +36,7 @@ from mpsd.proxy.local import PATHS as LOCAL_PATHS
 from mpsd.proxy.local import LocalEndpoints
 from mpsd.proxy.mounted import MountedRoutes, RouteHandler
 from mpsd.proxy.observer import RequestObserver
+from mpsd.proxy.relay import Exchange
 from mpsd.proxy.request import (
     SMALL_BODY,
     ModelScan,
@@ -89,6 +91,7 @@ class ProxyServer:
         self._dispatch = Dispatcher(config, pool, self._upstreams, observer)
         self._dispatch.debug = _debug_enabled()
         configure_pool(pool, config)
+        pool.on_backend_gone = self._backend_gone
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -215,11 +218,23 @@ class ProxyServer:
             self._last_sweep = now
             self._upstreams.sweep(now)
             self._pool.readmit(now)
-            self._pool.check_stalls(now, self._config.stall_timeout_s)
+            self._upstreams.check_stalls(now, self._config.stall_timeout_s)
             config = self._config
             for conn in list(self._conns):
                 conn.expire(now, config.head_timeout_s, config.body_timeout_s,
                             config.keepalive_timeout_s)
+
+    def _backend_gone(self, backend: Backend) -> None:
+        """The pool condemned or removed ``backend``: its exchanges end, in the next tick (the
+        exchange that condemned it may be the one running now)."""
+        if self._server is not None:
+            self._loop.call_soon(self._end_exchanges, backend)
+
+    def _end_exchanges(self, backend: Backend) -> None:
+        for conn in list(self._conns):
+            exchange = conn.exchange
+            if isinstance(exchange, Exchange) and exchange.backend is backend:
+                exchange.engine_gone()
 
     # -- FrontConnection callbacks (proxy_http.Handler) ---------------------------------------
 

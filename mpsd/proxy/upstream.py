@@ -82,6 +82,7 @@ class UpstreamPool:
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closing = False
         self.awaiting: set[Exchange] = set()  # sent, no response head yet (first-byte clock)
+        self.streams: set[Exchange] = set()  # SSE responses past their head (stall clock)
 
     def origin(self, base_url: str) -> tuple[str, int, bytes]:
         """``(host, port, Host header value)`` of an engine URL (cached)."""
@@ -160,6 +161,11 @@ class UpstreamPool:
         """Fail the exchanges whose first-byte deadline passed (504)."""
         for exchange in [e for e in self.awaiting if now >= e.deadline]:
             exchange.first_byte_timeout()
+
+    def check_stalls(self, now: float, stall_s: float) -> None:
+        """Judge every stream for a stall (see :meth:`Exchange.check_stall`)."""
+        for exchange in list(self.streams):
+            exchange.check_stall(now, stall_s)
 
     def sweep(self, now: float) -> None:
         """Close idle connections the engines may be about to close themselves."""

@@ -459,18 +459,17 @@ class TestEjection:
         pool.set_routable("g0/a", True, fresh=True)
         assert a.routable and a.ejections == 1
 
-    def test_a_stall_is_no_byte_for_stall_s_with_requests_in_flight(self) -> None:
-        told: list[str] = []
-        pool = _pool("g0/a")
-        pool.on_engine_fault = lambda b, signal, reason: told.append(signal)
-        a = pool.get("g0/a")
-        assert a is not None
-        a.inflight = 1
-        pool.check_stalls(100.0, 5.0)  # the clock starts at the first look
-        pool.check_stalls(103.0, 5.0)
-        a.active = True  # a byte arrived
-        pool.check_stalls(104.0, 5.0)
-        pool.check_stalls(108.0, 5.0)
-        assert a.routable and not told
-        pool.check_stalls(109.0, 5.0)
-        assert not a.routable and told == ["stall"]
+    def test_a_condemned_or_removed_engine_is_announced_to_the_proxy(self) -> None:
+        """Stalls are judged per exchange by the proxy; the pool tells the proxy which engines
+        are gone (ejected as dead, or removed) so that their exchanges end at once."""
+        gone: list[str] = []
+        pool = _pool("g0/a", "g0/b")
+        pool.on_backend_gone = lambda b: gone.append(b.key)
+        a, b = pool.get("g0/a"), pool.get("g0/b")
+        assert a is not None and b is not None
+        pool.configure(eject_after_errors=1, eject_base_s=10.0, eject_max_s=10.0)
+        pool.answered_5xx(a, 0.0, 500)  # ejected for a while, not condemned
+        assert not a.routable and gone == []
+        pool.eject(a, 0.0, "stall", "a stream sent nothing", dead=True)
+        pool.remove("g0/b")
+        assert gone == ["g0/a", "g0/b"]
