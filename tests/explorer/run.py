@@ -64,7 +64,7 @@ class Report:
         s = self.schedule
         head = f"schedule {s.name or f'seed={s.seed}'} mps={s.mps}: "
         if self.ok:
-            return head + f"ok ({len(self.ran)} steps, {self.seconds:.0f} s)"
+            return head + f"ok in {self.seconds:.0f} s: " + " -> ".join(self.ran)
         lines = [head + f"FAILED at {self.failed_step}",
                  "  steps: " + " -> ".join(self.ran),
                  *(f"  - {v}" for v in self.violations),
@@ -123,6 +123,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
             timer.join()
             report.ran.append(str(last))
             break
+        t0 = time.monotonic()
         effect = _act(w, step)
         found = effect.violations + settle(w, effect.checks)
         for cleanup in effect.cleanup:
@@ -130,6 +131,8 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
         if effect.cleanup and not found:
             found = settle(w, [])
         found += requests_ok(w, seen)
+        note = f"; {effect.note}" if effect.note else ""
+        report.ran[-1] += f" ({time.monotonic() - t0:.1f} s{note})"
         if found:
             report.failed_step, report.violations = str(step), found
             report.excerpt = _excerpt(w)

@@ -104,11 +104,25 @@ def _siblings_untouched(w: World, s: Step) -> Check:
     return check
 
 
-def _engine_fault(w: World, s: Step) -> Effect:
+def _engine_fault(w: World, s: Step, kills: bool = True) -> Effect:
+    """A fault of one engine: its GPU disturbed, its siblings untouched with MPS off and, when
+    the fault kills it, its process replaced (so that the settle waits for mpsd's reaction,
+    not for a moment before it)."""
     effect = Effect(disturbs={s.gpu})
     if w.mps == "off":
         effect.checks.append(_siblings_untouched(w, s))
+    pid = _pid(_target(w, s))
+    if kills and pid is not None:
+        effect.checks.append(_replaced(w, pid))
     return effect
+
+
+def _replaced(w: World, pid: int) -> Check:
+    def check() -> list[str]:
+        st = w.status() or {"groups": []}
+        return [f"{e['key']} still has the killed pid {pid}" for g in st["groups"]
+                for e in g["engines"] if e.get("pid") == pid]
+    return check
 
 
 def _pids(w: World) -> dict[str, object]:
@@ -152,7 +166,7 @@ def kill_core(w: World, s: Step) -> Effect:
 def stop_cont(w: World, s: Step) -> Effect:
     """SIGSTOP the engine's whole process group for ``arg`` s (a stuck driver call), then
     SIGCONT whatever is left of it."""
-    effect = _engine_fault(w, s)
+    effect = _engine_fault(w, s, kills=False)
     pid = _pid(_target(w, s))
     if pid is None:
         return effect
@@ -210,7 +224,7 @@ def _start_fault(fault: str) -> Callable[[World, Step], Effect]:
 
 def canary_500(w: World, s: Step) -> Effect:
     """A running engine answers generation with 500 while /health says 200 (vllm #39863)."""
-    effect = _engine_fault(w, s)
+    effect = _engine_fault(w, s, kills=False)
     e = _target(w, s)
     if e is None:
         return effect
@@ -226,8 +240,14 @@ def kill_mps(w: World, s: Step) -> Effect:
     st = w.status() or {"groups": []}
     group = next((g for g in st["groups"] if g["gpu"] == f"gpu{s.gpu}"), None)
     mps = group.get("mps") if group else None
-    _kill(mps.get("pid") if isinstance(mps, dict) else None)
-    return Effect(disturbs={s.gpu})
+    pid = mps.get("pid") if isinstance(mps, dict) else None
+    _kill(pid)
+
+    def replaced() -> list[str]:
+        st = w.status() or {"groups": []}
+        return [f"gpu{s.gpu} still names the killed MPS daemon {pid}" for g in st["groups"]
+                if g["gpu"] == f"gpu{s.gpu}" and (g.get("mps") or {}).get("pid") == pid]
+    return Effect(disturbs={s.gpu}, checks=[replaced])
 
 
 def mps_fault(w: World, s: Step) -> Effect:
@@ -397,6 +417,17 @@ def race_restart_reload(w: World, s: Step) -> Effect:
     return effect
 
 
+def kill_reload(w: World, s: Step) -> Effect:
+    """An engine dies and a SIGHUP that changes its GPU lands while it restarts."""
+    effect = _engine_fault(w, s)
+    _kill(_pid(_target(w, s)))
+    w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
+    w.write(w.doc)
+    hold(w, s.arg)
+    _reload(w, True)
+    return effect
+
+
 # -- clients ----------------------------------------------------------------------------
 
 
@@ -454,6 +485,7 @@ STEPS: dict[str, Callable[[World, Step], Effect]] = {
     "sighup_storm": sighup_storm,
     "second_run": second_run,
     "race_restart_reload": race_restart_reload,
+    "kill_reload": kill_reload,
     "stuck_reader": stuck_reader,
     "long_answer": long_answer,
 }
@@ -464,7 +496,7 @@ WEIGHTS = {"kill_leader": 4, "kill_core": 4, "stop_cont": 2, "squat_port": 2, "s
            "start_hang": 1, "canary_start": 1, "canary_500": 2, "kill_mps": 2, "mps_fault": 2,
            "state_ro": 1, "close_stdout": 1, "reload_good": 2, "reload_crash": 1,
            "reload_hang": 1, "restart": 2, "drain": 1, "sighup_storm": 2, "second_run": 1,
-           "race_restart_reload": 1, "stuck_reader": 1, "long_answer": 1}
+           "race_restart_reload": 1, "kill_reload": 1, "stuck_reader": 1, "long_answer": 1}
 
 
 def generate(seed: int, mps: str, steps: int, gpus: int = 2, replicas: int = 2) -> list[Step]:
@@ -484,7 +516,8 @@ def generate(seed: int, mps: str, steps: int, gpus: int = 2, replicas: int = 2) 
                "canary_500": rng.choice((1.0, 2.0)), "state_ro": 2.0,
                "reload_good": rng.choice((0, 1)), "reload_crash": rng.choice((0, 1)),
                "reload_hang": rng.choice((0, 1)), "sighup_storm": rng.choice((3, 8)),
-               "stuck_reader": rng.choice((3.0, 5.0))}.get(kind, 0)
+               "stuck_reader": rng.choice((3.0, 5.0)),
+               "kill_reload": rng.choice((0.0, 0.2))}.get(kind, 0)
         out.append(Step(kind, rng.randrange(gpus), rng.randrange(replicas), float(arg)))
     out.append(Step("sigterm", arg=rng.choice((0.0, 0.0, 0.3, 1.0))))
     return out
