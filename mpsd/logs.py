@@ -279,6 +279,8 @@ _SOURCE = re.compile(r"\[[\w.]+:\d+\]")
 class EngineOutput:
     """The level of each output line of one engine, or None for a line never to log.
 
+    Routine lines go to debug (:func:`console_level`): the console shows mpsd's phases and
+    the engine's warnings and errors, not vLLM's 200 lines of start-up.
     Drops access-log lines of mpsd's own probes (``probe_paths``). While ``stopping()`` says
     mpsd asked the engine to stop, the traceback vLLM (0.32) logs on every orderly stop —
     "AsyncLLM output_handler failed" … ``EngineDeadError``, because its engine client stops
@@ -308,12 +310,32 @@ class EngineOutput:
                 msg=f"{self._engine}: vLLM logs an EngineDeadError traceback when it stops "
                     "(its own shutdown order, not a fault); shown at log_level debug")
             return "debug"
-        return engine_line_level(line, previous)
+        return console_level(line, previous)
 
 
 _PROCESS_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) ")
 _LOG_HEADER = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] ")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exit|Fault)): (\S.*)$")
+#: Warnings a vLLM start prints on an ordinary host that an operator can do nothing about.
+_ROUTINE_WARNING = re.compile(r"Triton (?:is )?not (?:available|installed)|ulimit|tcmalloc|"
+                              r"FutureWarning|DeprecationWarning|NUMA binding")
+
+
+def console_level(line: str, previous: str) -> str:
+    """The level an engine's output line is logged at: its own errors and the warnings that
+    need a person stay; its routine — every line it states as info (vLLM's route table, its
+    configuration, uvicorn's start-up) and the known environment warnings above — goes to
+    debug, because mpsd's own phase events already say what the engine is doing. A traceback
+    or an exception line that states no level is an error (vLLM prints them unlabelled)."""
+    stated = engine_line_level(line, "")
+    if not stated:
+        text = _PROCESS_PREFIX.sub("", line, count=1)
+        if text.startswith("Traceback (most recent call last)") or _EXCEPTION.match(text):
+            return "error"
+        return previous
+    if stated == "info" or (stated == "warning" and _ROUTINE_WARNING.search(line)):
+        return "debug"
+    return stated
 _POINTS_ELSEWHERE = re.compile(r"root cause", re.IGNORECASE)
 _ERROR_LIMIT = 400
 

@@ -104,11 +104,46 @@ def test_engine_output_demotes_the_stop_traceback_only_during_a_stop() -> None:
     block = [src + "AsyncLLM output_handler failed.", src + "Traceback (most recent call last):",
              src + "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
     after = "(APIServer pid=7) INFO 12-04 16:17:53 [launcher.py:279] engine client stopped"
-    assert [levels(line, "info") for line in [*block, after]] == ["error"] * 3 + ["info"]
+    assert [levels(line, "info") for line in [*block, after]] == ["error"] * 3 + ["debug"]
     stopping = True
-    assert [levels(line, "info") for line in [*block, after]] == ["debug"] * 3 + ["info"]
+    assert [levels(line, "info") for line in [*block, after]] == ["debug"] * 4
     assert levels(src + "something else failed", "info") == "error"
     assert levels('INFO:     127.0.0.1:1 - "GET /health HTTP/1.1" 200 OK', "info") is None
+
+
+# A vLLM start on a CPU host, as the console would have shown it (abridged: 70 `Route:` lines).
+START_UP = [
+    ("(APIServer pid=7) INFO 12-08 03:10:11 [api_server.py:1800] vLLM API server version 0.32",
+     "debug"),
+    ("(APIServer pid=7) INFO 12-08 03:10:11 [utils.py:253] non-default args: {'port': 18100,",
+     "debug"),
+    ("    'model': '/srv/m'}", "debug"),  # the same message, continued
+    ("W1208 03:10:12.516000 7 torch/_library/triton.py:53] Triton not available", "debug"),
+    ("(Worker pid=9) WARNING 12-08 03:10:14 [cpu_worker.py:114] libtcmalloc is not found",
+     "debug"),
+    ("(APIServer pid=7) WARNING 12-08 03:10:14 [api_server.py:90] ulimit -n 1024 is low",
+     "debug"),
+    ("/v/lib/dispatcher.py:138: FutureWarning: `torch.distributed.reduce_op` is deprecated",
+     "debug"),
+    ("  warnings.warn(", "debug"),
+    ("(APIServer pid=7) INFO 12-08 03:10:20 [launcher.py:46] Route: /v1/models, Methods: GET",
+     "debug"),
+    ("INFO:     Application startup complete.", "debug"),
+    ("(APIServer pid=7) WARNING 12-08 03:10:20 [config.py:1] max_num_seqs 256 exceeds the "
+     "KV cache", "warning"),  # one a person can act on
+    ("(APIServer pid=7) Traceback (most recent call last):", "error"),  # unlabelled: an error
+    ('(APIServer pid=7)   File "vllm/entrypoints/cli/serve.py", line 1, in cmd', "error"),
+    ("(APIServer pid=7) ValueError: max_model_len 4096 exceeds the model's 2048", "error"),
+]
+
+
+def test_a_start_up_shows_only_what_needs_a_person() -> None:
+    levels = logs.EngineOutput("gpu0/e-0", {"/health"}, lambda: False)
+    got, previous = [], "info"
+    for line, _ in START_UP:
+        previous = levels(line, previous) or previous
+        got.append(previous)
+    assert got == [level for _, level in START_UP]
 
 
 def test_a_stream_that_refuses_writes_costs_lines_not_the_process(

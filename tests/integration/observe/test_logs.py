@@ -35,7 +35,7 @@ def test_probe_access_lines_never_reach_the_log(mpsd: Mpsd) -> None:
     assert not [line for line in lines if '"GET /health' in line or '"GET /metrics' in line]
     started = [e for e in mpsd.events("output", engine="gpu0/tiny-0")
                if "Application startup complete" in str(e["line"])]
-    assert started and started[0]["level"] == "info"
+    assert started and started[0]["level"] == "debug"  # routine: the engine's log, not the console
     assert mpsd.terminate() == 0
 
 
@@ -76,3 +76,17 @@ def test_a_requested_stop_logs_no_engine_error(mpsd: Mpsd) -> None:
     assert not [e for e in outputs if e["level"] in ("error", "warning")]
     said = {e["engine"] for e in stop if e.get("event") == "engine_stop_traceback"}
     assert said == {"gpu0/tiny-0", "gpu0/tiny-1"}
+
+
+def test_start_up_fits_a_screen_at_the_default_level(mpsd: Mpsd) -> None:
+    """At ``log_level = "info"`` the engines' routine start-up lines (vLLM's INFO lines,
+    uvicorn's) stay out: what is left before "ready" is mpsd's own phases."""
+    mpsd.overrides = {"daemon": {"log_level": "info"}}
+    mpsd.start()
+    mpsd.wait_log("mpsd_ready")
+    log = mpsd.log()
+    before = log[:[e.get("event") for e in log].index("mpsd_ready")]
+    assert not [e for e in before if e["event"] == "output"], before
+    # a screenful: 35 lines for MPS and two engines here (11 of them the MPS server's log)
+    assert len(before) <= 40, "\n".join(f"{e['level']} {e['event']}" for e in before)
+    assert mpsd.terminate() == 0
