@@ -227,6 +227,7 @@ async def run(file: str) -> ExitCode:
         session = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
         supervisor = Supervisor(plan, options, pool, session,
                                 observers=[metrics], on_status=notifier.status)
+        supervisor.diagnose = metrics.diagnosis.of
         proxy = ProxyServer(config.proxy, pool, supervisor.status, observer=metrics,
                             alive=lambda: daemon.alive())  # noqa: PLW0108 - made below
         metrics.watch_readiness(proxy.ready)

@@ -60,6 +60,18 @@ class HistoryEntry(TypedDict):
     engine: NotRequired[str]
 
 
+class GpuDiagnosis(TypedDict):
+    """Whether the GPU waits for its engines' CPU (:mod:`mpsd.observe.diagnosis`)."""
+
+    cpu_bound: bool  # the verdict: cpu_bound_ratio over the threshold, with enough samples
+    cpu_bound_ratio: float  # fraction of the window's samples in which the GPU waited
+    window_s: float
+    samples: int
+    gpu_utilization: float | None  # NVML, last sample (0-1)
+    engine_cpu: dict[str, float]  # engine -> its busiest thread's share of a core, last sample
+    advice: str | None  # what to try, when cpu_bound
+
+
 class GroupStatus(TypedDict):
     """One GPU: its state, why it is in it, its MPS daemon, engines and recent faults."""
 
@@ -76,6 +88,7 @@ class GroupStatus(TypedDict):
     strategy: NotRequired[str]  # one_for_all (MPS on) or one_for_one (MPS off)
     desired: NotRequired[DesiredStatus]
     observed_generation: NotRequired[int]  # the desired generation the state describes
+    diagnosis: NotRequired[GpuDiagnosis]  # absent until the metrics poll has samples
 
 
 class DaemonStatus(TypedDict):

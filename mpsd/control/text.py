@@ -174,6 +174,24 @@ def _history(history: Sequence[Mapping[str, Any]], now: float) -> list[str]:
     return lines
 
 
+def _diagnosis(found: Mapping[str, Any]) -> list[str]:
+    """The CPU-bound diagnosis (mpsd.observe.diagnosis): how often the GPU waited for its
+    engines' CPU, what NVML and the engines' busiest threads said last, and the advice."""
+    ratio, window = found.get("cpu_bound_ratio"), found.get("window_s")
+    if not isinstance(ratio, int | float) or not isinstance(window, int | float):
+        return []
+    line = (f"  CPU side: the GPU waited for the engines' CPU {ratio:.0%} of the last "
+            f"{window / 60:g} min")
+    util, cpu = found.get("gpu_utilization"), found.get("engine_cpu")
+    if isinstance(util, int | float) and isinstance(cpu, Mapping) and cpu:
+        cores = ", ".join(f"{v:.2f}" for v in cpu.values() if isinstance(v, int | float))
+        line += f" (GPU {util:.0%} busy; busiest engine threads {cores} of a core)"
+    lines = [line]
+    if found.get("advice"):
+        lines.append(f"            {clean(found['advice'])}")
+    return lines
+
+
 def _group(group: Mapping[str, Any], paint: _Paint, now: float) -> list[str]:
     state = str(group.get("state", "unknown"))
     device = clean(group.get("device"))
@@ -189,6 +207,9 @@ def _group(group: Mapping[str, Any], paint: _Paint, now: float) -> list[str]:
         lines.append(f"       MPS: {_mps_line(group.get('mps'))}")
     if isinstance(group.get("restarts_in_window"), int):
         lines.append(f"  Restarts: {group['restarts_in_window']} in the restart window")
+    diagnosis = group.get("diagnosis")
+    if isinstance(diagnosis, Mapping):
+        lines += _diagnosis(diagnosis)
     engines = group.get("engines")
     lines += _engines(engines if isinstance(engines, list) else [], paint)
     history = group.get("history")

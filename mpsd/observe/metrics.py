@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from mpsd import __version__, logs
 from mpsd.host import nvml
 from mpsd.host.nvml import GpuSample
+from mpsd.observe.diagnosis import Diagnosis
 from mpsd.observe.poll import Poller, Snapshot
 from mpsd.pool import BackendPool
 from mpsd.proxy.errors import rejection_reason
@@ -124,6 +125,8 @@ class Metrics:
         self._poller = Poller(pool, sampler, scrape_timeout_s)
         r.register(_PoolCollector(pool))
         r.register(_ModelReadiness(pool))
+        self.diagnosis = Diagnosis()
+        r.register(self.diagnosis)
         r.register(_LogWriteErrors())
         r.register(self._poller)
         self._request_children: dict[tuple[str | None, str | None, int | str],
@@ -260,7 +263,9 @@ class Metrics:
                            session: aiohttp.ClientSession) -> Snapshot:
         """One poll round over ``groups`` and the pool's ready engines (tests call it directly)."""
         self.track(groups)
-        return await self._poller.collect_once(groups, session)
+        snapshot = await self._poller.collect_once(groups, session)
+        await self.diagnosis.observe(groups, snapshot.gpus)
+        return snapshot
 
     def render(self) -> tuple[bytes, str]:
         """``/metrics``: the exposition body and its content type; call it on the event loop.

@@ -29,7 +29,7 @@ from mpsd.backend import Backend
 from mpsd.errors import ExitCode, MpsdError
 from mpsd.plan.build import Plan
 from mpsd.pool import BackendPool
-from mpsd.status import BackendStatus, DaemonStatus, EngineStatus, GroupStatus
+from mpsd.status import BackendStatus, DaemonStatus, EngineStatus, GpuDiagnosis, GroupStatus
 from mpsd.supervise.commands import (
     STARTS,
     Command,
@@ -80,6 +80,8 @@ class Supervisor:
         self._rollouts: set[Rollout] = set()
         self.groups = {g.key: self._new_group(Desired(g, options)) for g in plan.groups}
         pool.on_engine_fault = self._engine_fault
+        # a GPU's live CPU-bound diagnosis for status (the daemon sets the metrics poller's)
+        self.diagnose: Callable[[str], GpuDiagnosis | None] = lambda gpu: None
 
     # -- GroupObserver ---------------------------------------------------------------------
 
@@ -337,7 +339,8 @@ class Supervisor:
             "status": self.status_line(),
             "pid": os.getpid(),
             "mps": {"enabled": self.plan.mps_enabled, "reason": self.plan.mps_reason},
-            "groups": [_group_view(g, backends) for g in self.groups.values()],
+            "groups": [_diagnosed(_group_view(g, backends), self.diagnose(g.key))
+                       for g in self.groups.values()],
         }
 
     def _publish(self) -> None:
@@ -351,6 +354,12 @@ _LATER = object()  # an outcome the command's own task will give
 def _mps_identity(options: GroupOptions) -> tuple[str, dict[str, str]]:
     """The MPS settings that need a new daemon when they change."""
     return options.mps.control_binary, dict(options.mps.env)
+
+
+def _diagnosed(view: GroupStatus, diagnosis: GpuDiagnosis | None) -> GroupStatus:
+    if diagnosis is not None:
+        view["diagnosis"] = diagnosis
+    return view
 
 
 def _group_view(group: GpuGroup, backends: dict[str, BackendStatus]) -> GroupStatus:

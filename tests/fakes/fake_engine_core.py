@@ -21,6 +21,9 @@ Behaviour:
   ``FAKE_ENGINE_ORPHAN_EXIT_S`` (default 120) so stray fakes never live forever.
 * SIGTERM exits 0 after an MPS goodbye (vLLM's EngineCore raises SystemExit), unless
   ``FAKE_ENGINE_IGNORE_SIGTERM=1``.
+* ``FAKE_ENGINE_CPU_BOUND=1`` (opt-in, per port like every knob): from readiness on, a thread
+  spins on a whole core, like vLLM's scheduler loop when the engine's CPU side is what limits
+  it (what mpsd's CPU-bound diagnosis looks for).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -117,6 +121,12 @@ async def mps_attach(pipe_dir: str, pid: int, comm: str, wait_s: float = 30.0) -
     return MpsClient(reader, writer, int(answer["server_pid"]), reply)
 
 
+def _spin() -> None:
+    """Keep one core busy for ever (the thread is a daemon: it ends with the process)."""
+    while True:
+        pass
+
+
 class EngineCore:
     """One fake EngineCore: MPS client state plus the command channel from the API server."""
 
@@ -170,6 +180,8 @@ class EngineCore:
                      "server_pid": None if self.mps is None else self.mps.server_pid}
             sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
+            if fakeutil.knob_bool("FAKE_ENGINE_CPU_BOUND", self.port):
+                threading.Thread(target=_spin, name="scheduler", daemon=True).start()
         code = await self.exit_code
         if self.mps is not None and code == 0:
             self.mps.send({"op": "bye"})
