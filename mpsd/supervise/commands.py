@@ -11,12 +11,8 @@ something is refused (systemd's rule: a stop job wins over a start).
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import Any
-
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from mpsd.plan.build import EnginePlan, Plan
 from mpsd.supervise.contract import GroupOptions
@@ -87,10 +83,7 @@ class CommandQueue:
     """FIFO of commands with a future each; one consumer (the supervisor) applies them."""
 
     def __init__(self) -> None:
-        send: MemoryObjectSendStream[tuple[Command, asyncio.Future[Any]]]
-        receive: MemoryObjectReceiveStream[tuple[Command, asyncio.Future[Any]]]
-        send, receive = anyio.create_memory_object_stream(math.inf)
-        self._send, self._receive = send, receive
+        self._items: asyncio.Queue[tuple[Command, asyncio.Future[Any]]] = asyncio.Queue()
         self.stop_submitted = False
 
     def submit(self, command: Command) -> asyncio.Future[Any]:
@@ -99,8 +92,8 @@ class CommandQueue:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if isinstance(command, Stop):
             self.stop_submitted = True
-        self._send.send_nowait((command, future))
+        self._items.put_nowait((command, future))
         return future
 
     async def next(self) -> tuple[Command, asyncio.Future[Any]]:
-        return await self._receive.receive()
+        return await self._items.get()

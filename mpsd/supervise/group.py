@@ -128,6 +128,11 @@ class GpuGroup:
         reason = slot.failed or (slot.last_fault if state is not EngineState.READY else "")
         return state, reason, slot.restarts.count(now, self._policy())
 
+    @property
+    def restart_acted_on(self) -> bool:
+        """The last operator restart has been acted on: what ran before it is stopped."""
+        return self._restart_generation >= self.desired.restart_generation
+
     async def next_pass(self) -> None:
         """Until the loop has looked at the world once more (after a desired-state change)."""
         await self._passed.wait()

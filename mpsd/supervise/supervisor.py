@@ -113,12 +113,16 @@ class Supervisor:
     async def restart_group(self, key: str) -> GpuGroup:
         """``mpsd restart GPU``: stop what runs the safe way, forget the fault history, clear
         a drain or a verdict, start again."""
+        self._require(key)  # an unknown GPU is answered at once
         group: GpuGroup = await self._queue.submit(Restart(key))
+        while not group.restart_acted_on and not group.done.is_set():  # old processes gone
+            await group.next_pass()
         return group
 
     async def drain_group(self, key: str) -> GpuGroup:
         """Take one GPU out of service on purpose: its engines drain and stop, its MPS daemon
         quits; it stays STOPPED (drained, across reloads) until ``restart_group``."""
+        self._require(key)
         group: GpuGroup = await self._queue.submit(Drain(key))
         settled = (GroupState.STOPPED, GroupState.FAILED)
         while group.state not in settled and not group.done.is_set():
