@@ -126,6 +126,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
         t0 = time.monotonic()
         effect = _act(w, step)
         found = effect.violations + settle(w, effect.checks)
+        w.disturb(effect.disturbs)  # mending the fault may disturb its GPU again
         for cleanup in effect.cleanup:
             cleanup()
         if effect.cleanup and not found:

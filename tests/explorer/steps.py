@@ -43,8 +43,8 @@ class Step:
 
     @classmethod
     def parse(cls, text: str) -> Step:
-        kind, _, rest = text.strip().partition(":")
-        where, _, arg = rest.partition("@")
+        head, _, arg = text.strip().partition("@")
+        kind, _, where = head.partition(":")
         gpu, _, engine = where.removeprefix("gpu").partition("/")
         return cls(kind, int(gpu or 0), int(engine or 0), float(arg or 0))
 
@@ -418,8 +418,9 @@ def race_restart_reload(w: World, s: Step) -> Effect:
 
 
 def kill_reload(w: World, s: Step) -> Effect:
-    """An engine dies and a SIGHUP that changes its GPU lands while it restarts."""
-    effect = _engine_fault(w, s)
+    """An engine dies and a SIGHUP that changes its GPU (both engines) lands while it
+    restarts."""
+    effect = Effect(disturbs={s.gpu})
     _kill(_pid(_target(w, s)))
     w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
     w.write(w.doc)

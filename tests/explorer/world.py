@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from tests.harness import FAKE_MPS, FAKE_VLLM, Mpsd, http, processes_mentioning, render_toml
+from tests.harness import Mpsd, http, processes_mentioning, render_toml
 from tests.load import MixedLoad
 
 TOKEN_DELAY_S = 0.01  # a request of the load takes ~0.3 s: streams flow while faults land
@@ -91,11 +92,10 @@ class World:
     # per GPU, the intervals [start, end] during which a step meant to disturb it
     disturbed: dict[int, list[list[float]]] = field(default_factory=dict)
     drained: set[int] = field(default_factory=set)
-    stdout_closed: bool = False
     stopping_at: float | None = None  # when SIGTERM was sent
     helpers: set[int] = field(default_factory=set)  # our own CLI processes and second runs
     _pump: threading.Thread | None = None
-    _reader: IO[bytes] | None = None
+    _close_stdout: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.m = Mpsd(self.workdir, gpus=self.gpus, replicas=self.replicas, mps=self.mps)
@@ -124,29 +124,39 @@ class World:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start ``mpsd run`` with its stdout on a pipe, then the load once both GPUs serve."""
+        """Start ``mpsd run`` with its stdout on a pipe that a thread copies to the log."""
         self.write(self.doc)
         proc = subprocess.Popen(self.m.run_argv(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=self.m.run_env(),
                                 start_new_session=True)
         self.m.proc = proc
         assert proc.stdout is not None
-        self._reader = proc.stdout
-        self._pump = threading.Thread(target=self._copy_log, args=(proc.stdout,), daemon=True)
+        fd = os.dup(proc.stdout.fileno())
+        proc.stdout.close()
+        self._pump = threading.Thread(target=self._copy_log, args=(fd,), daemon=True)
         self._pump.start()
 
-    def _copy_log(self, reader: IO[bytes]) -> None:
-        with self.m.log_file.open("ab") as log, contextlib.suppress(OSError, ValueError):
-            for line in iter(reader.readline, b""):
-                log.write(line)
-                log.flush()
+    def _copy_log(self, fd: int) -> None:
+        """Copy mpsd's output to the log until EOF, or until told to close the pipe: then the
+        read end closes here, in the one thread that reads it."""
+        with self.m.log_file.open("ab") as log:
+            try:
+                while not self._close_stdout.is_set():
+                    if not select.select([fd], [], [], 0.1)[0]:
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    log.write(chunk)
+                    log.flush()
+            finally:
+                os.close(fd)
 
     def close_stdout(self) -> None:
         """The reader of mpsd's stdout goes away: its next writes get EPIPE/SIGPIPE."""
-        if self._reader is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._reader.fileno())
-            self.stdout_closed = True
+        self._close_stdout.set()
+        if self._pump is not None:
+            self._pump.join(5)
 
     def start_load(self) -> None:
         for g in range(self.gpus):
@@ -275,6 +285,3 @@ class World:
     def disarm_start_faults(self) -> None:
         for path in self.m.control_dir.glob("*.start"):
             path.unlink(missing_ok=True)
-
-
-__all__ = ["FAKE_MPS", "FAKE_VLLM", "STOP_BOUND_S", "World", "alive", "model_of"]
