@@ -22,7 +22,14 @@ from collections.abc import Awaitable, Callable, Iterator
 import aiohttp
 import anyio
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mpsd import __version__, logs
@@ -127,6 +134,7 @@ class Metrics:
         r.register(_ModelReadiness(pool))
         self.diagnosis = Diagnosis()
         r.register(self.diagnosis)
+        ProcessCollector(registry=r)  # process_*: mpsd's own CPU (the proxy's), memory, fds
         r.register(_LogWriteErrors())
         r.register(self._poller)
         self._request_children: dict[tuple[str | None, str | None, int | str],

@@ -143,16 +143,19 @@ def crash_into_a_loop(mpsd: Mpsd, gpu: str) -> None:
     wait_until(step, 60, lambda: f"{gpu} failed after crashes\n{mpsd.tail()}")
 
 
-def dashboard_queries() -> list[str]:
-    """Every query of the Grafana dashboard, its variables set to match every series."""
+def dashboard_queries() -> tuple[list[str], list[tuple[str, str]]]:
+    """Every panel query of the Grafana dashboard, its variables set to match every series,
+    and every variable's ``label_values(selector, label)`` (a Grafana function) as its parts."""
     doc = json.loads(DASHBOARD.read_text())
-    exprs = [target["expr"] for panel in doc["panels"] for target in panel.get("targets", [])]
-    exprs += [v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-              for v in doc["templating"]["list"] if v["type"] == "query"]
-    values = {"instance": ".+", "gpu": ".+", "model": ".+", "__rate_interval": "1m",
-              "__interval": "15s", "__range": "5m"}
-    return [re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), e)
-            for e in exprs]
+    values = {"instance": ".+", "gpu": ".+", "model": ".+", "__rate_interval": "1m"}
+    panels = [re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)),
+                     target["expr"])
+              for panel in doc["panels"] for target in panel.get("targets", [])]
+    variables = [re.fullmatch(r"label_values\((.+), (\w+)\)", v["query"])
+                 for v in doc["templating"]["list"] if v["type"] == "query"]
+    assert all(variables)
+    return panels, [(m.group(1).replace("$instance", ".+"), m.group(2))
+                    for m in variables if m is not None]
 
 
 def test_a_crash_loop_fires_in_prometheus_reaches_alertmanager_and_resolves(
@@ -197,9 +200,12 @@ def test_a_crash_loop_fires_in_prometheus_reaches_alertmanager_and_resolves(
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     # every recording rule and every dashboard query answers
     recorded = [r["name"] for r in rules if r["type"] == "recording"]
-    queries = recorded + (dashboard_queries() if DASHBOARD.exists() else [])
-    for query in queries:
+    panels, variables = dashboard_queries()
+    for query in recorded + panels:
         assert prometheus.get("/api/v1/query", query=query)["status"] == "success", query
+    for selector, label in variables:  # each dashboard variable finds its values
+        found = prometheus.get("/api/v1/query", query=selector)["data"]["result"]
+        assert found and all(label in series["metric"] for series in found), selector
     series = prometheus.get("/api/v1/query", query="instance_model_code:mpsd_requests:rate1m")
     assert series["data"]["result"], "a recording rule over mpsd's own series has data"
 
