@@ -60,9 +60,25 @@ def engines_accounted(w: World, st: dict[str, Any]) -> list[str]:
                            f"{desired.get('generation')}, observed {group['observed_generation']}")
         for e in engines:
             out += _engine_accounted(w, gpu, group, e)
-        if group.get("state") == "degraded" and not any(
-                e.get("state") == "failed" for e in engines):
-            out.append(f"gpu{gpu} is degraded with no FAILED engine")
+        out += _group_consistent(w, gpu, group)
+    return out
+
+
+def _group_consistent(w: World, gpu: int, group: dict[str, Any]) -> list[str]:
+    """The rewrite's contract: DEGRADED iff some engine is FAILED and the group is not, and
+    the strategy follows MPS (one_for_all on, one_for_one off)."""
+    if "strategy" not in group:
+        return []
+    out: list[str] = []
+    want = "one_for_all" if w.mps == "on" else "one_for_one"
+    if group["strategy"] != want:
+        out.append(f"gpu{gpu} strategy is {group['strategy']} with MPS {w.mps}")
+    failed = [e["key"] for e in group["engines"] if e.get("state") == "failed"]
+    state = group.get("state")
+    if state == "degraded" and not failed:
+        out.append(f"gpu{gpu} is degraded with no FAILED engine")
+    if failed and state not in ("degraded", "failed", "stopping", "stopped"):
+        out.append(f"gpu{gpu} is {state} while {failed} are FAILED (want degraded)")
     return out
 
 
