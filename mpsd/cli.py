@@ -32,9 +32,21 @@ INTERRUPTED = 130
 PIPE_CLOSED = 141
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless there is none worth showing (None, a
+    flag's False, "") or the help already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, "") or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mpsd", description="Many small LLM engines on one GPU host under NVIDIA MPS.")
+        prog="mpsd", description="Many small LLM engines on one GPU host under NVIDIA MPS.",
+        formatter_class=_DefaultsFormatter)
     parser.add_argument("--version", action="version", version=f"mpsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the daemon in the foreground (what systemd runs)")
@@ -47,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="check the file and its plan only, not this host's executables, "
                        "models, ports and directories (a config meant for another host)")
     status = sub.add_parser("status", help="show GPUs, engines and faults of the running daemon")
+    status.add_argument("gpu", metavar="GPU", nargs="?",
+                        help="only this GPU: gpu0, a device index or a UUID")
     status.add_argument("--json", action="store_true", help="print the raw status JSON")
     restart = sub.add_parser("restart", help="restart one GPU (clears FAILED)")
     drain = sub.add_parser("drain", help="drain and stop one GPU (or --all) until "
@@ -55,12 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("gpu", metavar="GPU", nargs="?", help="gpu0, a device index or a UUID")
     drain.add_argument("--all", action="store_true", help="the whole node: /health 503 first, "
                        "requests served for proxy.unready_grace_s, then every GPU")
+    drain.set_defaults(usage_error=drain.error)  # says drain's usage, not the top level's
     reload = sub.add_parser("reload", help="re-read the config and apply it (like SIGHUP)")
     for p in (status, restart, drain, reload):
         p.add_argument("-c", "--config", help="config file, to find daemon.state_dir")
         p.add_argument("--socket", help="control socket (default: <state_dir>/control.sock)")
     bench_command.add_parser(sub)
     tune.add_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _DefaultsFormatter
     return parser
 
 
@@ -69,7 +86,7 @@ def _control(args: argparse.Namespace, file: str) -> int:
     hint = "" if args.socket else control_client.not_running_hint(
         file, _chosen_by(args), args.command)
     if args.command == "status":
-        return control_client.status(sock, args.json, hint=hint)
+        return control_client.status(sock, args.json, hint=hint, gpu=args.gpu)
     if args.command == "restart":
         return control_client.restart(sock, args.gpu, hint)
     if args.command == "drain" and args.all:
@@ -119,7 +136,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "drain" and (args.all == (args.gpu is not None)):
-        parser.error("drain: give a GPU or --all (not both)")
+        args.usage_error("give a GPU (gpu0, a device index or a UUID) or --all, not both")
     file = config_path(args.config)
     if args.command in ("status", "restart", "drain", "reload"):
         return _control(args, file)

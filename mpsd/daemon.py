@@ -134,7 +134,10 @@ class Daemon:
         if self._unready_at is None:
             self._unready_at = anyio.current_time()
             self.proxy.set_ready(False)
-            _log.info("readiness_off", reason=why, grace_s=grace)
+            _log.info("readiness_off", reason=why, grace_s=grace, msg=(
+                f"{why}: /health answers 503; requests are still served for {grace:g} s so "
+                "that a load balancer notices (proxy.unready_grace_s)"
+                + ("; Ctrl-C (or SIGTERM) again stops at once" if why == "stopping" else "")))
         if not self.supervisor.pool.routable_count():
             return
         self.notifier.status(f"{why}: not ready, still serving for {grace:g} s")

@@ -70,8 +70,9 @@ def snapshot(url: str) -> Snapshot:
     try:
         status = fetch_status(url)
     except (OSError, ValueError) as exc:
-        raise TargetError(f"no mpsd answers at {url}/mpsd/status ({exc}); start one, or give "
-                          "-c CONFIG to let bench start its own") from None
+        raise TargetError(f"no mpsd answers at {url}/mpsd/status ({exc}); start one "
+                          "(mpsd run), or add --start to let bench start a private one from "
+                          "the config") from None
     host = url.split("://", 1)[-1].rsplit(":", 1)[0]
     engines = tuple(
         Engine(e["key"], e["model"], f"http://{host}:{e['port']}", tuple(e.get("cpus", ())))

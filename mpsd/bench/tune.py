@@ -54,7 +54,6 @@ def add_parser(sub: Any) -> None:
     tune.add_argument("--sweep", action="store_true",
                       help="measure every setup, and show what the search alone would pick")
     add_load_arguments(tune)
-    tune.set_defaults(repeats=3, warmup=3.0, duration=8.0)
     tune.add_argument("--out", type=Path, help="write the recommended block here")
     tune.add_argument("--jsonl", type=Path, help="write every run and stage as JSON lines; "
                       "each private mpsd's log (engines' and MPS's output in it) is kept next "

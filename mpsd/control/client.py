@@ -164,8 +164,9 @@ def _call(path: Path, method: str, url: str, timeout: float | None,
 
 
 def status(socket_path: Path, as_json: bool = False, color: bool | None = None,
-           hint: str = "") -> int:
-    """``mpsd status [--json]``: the systemctl-like view, or the daemon's raw JSON.
+           hint: str = "", gpu: str | None = None) -> int:
+    """``mpsd status [GPU] [--json]``: the systemctl-like view, or the daemon's raw JSON;
+    with ``gpu`` (``gpu0``, a device index or a UUID) only that GPU's group.
 
     ``color=None`` colours only on a terminal (and never with ``NO_COLOR`` set). ``hint``
     (see :func:`not_running_hint`), in every command here, follows "mpsd is not running".
@@ -176,6 +177,13 @@ def status(socket_path: Path, as_json: bool = False, color: bool | None = None,
     code, body = answer
     if code != 200:
         return _fail(f"status failed: {body.get('error', f'HTTP {code}')}")
+    if gpu is not None:
+        groups = [g for g in body.get("groups", []) if isinstance(g, dict)]
+        chosen = [g for g in groups if gpu in (g.get("gpu"), g.get("device"), g.get("uuid"))]
+        if not chosen:
+            known = ", ".join(str(g.get("gpu")) for g in groups) or "none"
+            return _fail(f"no GPU {gpu!r} in this daemon (its GPUs: {known})")
+        body = {**body, "groups": chosen}
     if as_json:
         print(json.dumps(body, indent=2))
         return ExitCode.OK

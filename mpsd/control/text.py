@@ -199,9 +199,15 @@ def _group(group: Mapping[str, Any], paint: _Paint, now: float) -> list[str]:
     title = f"{clean(group.get('gpu'))} - device {device}"
     if uuid and uuid != group.get("device"):
         title += f" ({clean(uuid)})"
+    desired = group.get("desired")
+    drained = isinstance(desired, Mapping) and bool(desired.get("drained"))
     lines = [f"{paint.dot(state)} {paint(title, _BOLD)}",
-             f"     State: {paint.state(state)} since {_when(group.get('since'), now)}"]
-    if group.get("reason"):
+             f"     State: {paint.state(state)}{' (drained)' if drained else ''} since "
+             f"{_when(group.get('since'), now)}"]
+    if drained:  # on purpose, not a fault: say so, and how to undo it
+        lines.append(f"    Reason: drained by an operator; `mpsd restart "
+                     f"{clean(group.get('gpu'))}` starts it again")
+    elif group.get("reason"):
         lines.append(f"    Reason: {clean(group.get('reason'))}")
     if "mps" in group:
         lines.append(f"       MPS: {_mps_line(group.get('mps'))}")

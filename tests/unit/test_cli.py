@@ -126,3 +126,47 @@ def test_a_daemon_not_found_names_the_config_and_how_to_point_elsewhere(workdir:
         why = "given with -c" if args else "from $MPSD_CONFIG" if extra else "the default"
         assert f"tried: [daemon] state_dir of {file} ({why}" in out.stderr, out.stderr
         assert "mpsd drain -c FILE, or export MPSD_CONFIG=FILE, or --socket PATH" in out.stderr
+
+
+def mpsd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mpsd", *args], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=REPO)
+
+
+def test_drain_without_a_gpu_shows_drains_usage() -> None:
+    out = mpsd_cli("drain")
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: mpsd drain ")
+    assert "mpsd drain: error: give a GPU (gpu0, a device index or a UUID) or --all" in out.stderr
+
+
+def test_status_of_one_gpu(control_socket: Path) -> None:
+    out = mpsd_cli("status", "gpu7", "--json", "--socket", str(control_socket))
+    assert out.returncode == 0, out.stderr
+    assert [g["gpu"] for g in json.loads(out.stdout)["groups"]] == ["gpu7"]
+    by_device = mpsd_cli("status", "12", "--socket", str(control_socket))
+    assert by_device.returncode == 0 and "gpu12 - device 12" in by_device.stdout
+    assert "gpu13" not in by_device.stdout
+    missing = mpsd_cli("status", "gpu999", "--socket", str(control_socket))
+    assert missing.returncode == 1
+    assert "no GPU 'gpu999' in this daemon (its GPUs: gpu0, gpu1," in missing.stderr
+
+
+def test_bench_and_tune_help_show_one_set_of_defaults() -> None:
+    for command in ("bench", "tune"):
+        out = mpsd_cli(command, "--help")
+        assert out.returncode == 0
+        text = " ".join(out.stdout.split())  # argparse wraps lines
+        assert "seconds measured (default: 10.0)" in text, text
+        assert "seconds not counted (default: 3.0)" in text
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_bench_without_a_daemon_names_the_flag_that_starts_one(workdir: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    out = mpsd_cli("bench", "--url", f"http://127.0.0.1:{port}", "--duration", "1")
+    assert out.returncode != 0
+    assert "add --start to let bench start a private one" in out.stderr, out.stderr
+    assert "give -c CONFIG" not in out.stderr
