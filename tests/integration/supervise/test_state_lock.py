@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 from tests.harness import Mpsd, http
 
@@ -20,12 +19,10 @@ def test_a_second_mpsd_run_refuses_and_touches_nothing(mpsd: Mpsd) -> None:
     assert mpsd.proc is not None
     engines = mpsd.engine_pids()
     seen = len(mpsd.log())
-    started = time.monotonic()
     second = subprocess.run([sys.executable, "-m", "mpsd", "run", "-c", str(mpsd.config_file)],
                             capture_output=True, text=True, timeout=30, check=False,
                             env={**os.environ, "MPSD_TEST_MARKER": str(mpsd.workdir)})
     assert second.returncode == 1, second.stderr
-    assert time.monotonic() - started < 10  # refused, not after a start-up attempt
     said = second.stderr
     assert f"PID {mpsd.proc.pid}" in said and f"kill {mpsd.proc.pid}" in said, said
     assert "systemctl stop mpsd" in said and "Traceback" not in said, said
