@@ -188,7 +188,7 @@ def _diagnosis(found: Mapping[str, Any]) -> list[str]:
         line += f" (GPU {util:.0%} busy; busiest engine threads {cores} of a core)"
     lines = [line]
     if found.get("advice"):
-        lines.append(f"            {clean(found['advice'])}")
+        lines.append(f"    Advice: {clean(found['advice'])}")
     return lines
 
 
