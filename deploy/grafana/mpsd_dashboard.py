@@ -5,7 +5,8 @@
 Never edit mpsd.json by hand: tests/unit/observe/test_grafana_dashboard.py fails when it differs
 from what this file builds, and checks every query names only series mpsd exports or the
 recording rules of deploy/prometheus record (load those rules: the per-model and per-GPU
-panels read them). Rows: the node (readiness, the proxy's CPU, refusals, connections, queue),
+panels read them). Rows: the node (readiness, the proxy's CPU, refusals, connections, queue,
+time to first byte),
 each GPU (state, engines ready, restarts, faults, MPS recovery phases, NVML utilisation and
 memory, the CPU-bound diagnosis) and each model (requests/s by code, tokens/s, TTFT and
 inter-token latency, running and waiting). A Prometheus datasource variable and instance, GPU
@@ -73,6 +74,13 @@ NODE = [
            (f"mpsd_proxy_queue_depth{{{INSTANCE}}}", "{{instance}} queued"),
            (f"sum by (instance) (rate(mpsd_proxy_retries_total{{{INSTANCE}}}[$__rate_interval]))",
             "{{instance}} retries/s")]),
+    Graph("Queue wait p99", "How long requests waited for a free engine slot, p99 over 5 min.",
+          [(f"instance:mpsd_queue_wait_seconds:p99_5m{{{INSTANCE}}}", "{{instance}}")], "s"),
+    Graph("Time to first byte p99", "Until the first byte of the engine's answer reached the "
+          "proxy, per model, p99 over 5 min (mpsd's own histogram: any engine kind has it).",
+          [(f"histogram_quantile(0.99, sum by (instance, model, le) (rate("
+            f"mpsd_time_to_first_byte_seconds_bucket{{{INSTANCE}}}[5m])))",
+            "{{instance}} {{model}}")], "s"),
 ]
 
 PER_GPU = [
