@@ -27,6 +27,8 @@ count from readiness unless stated):
   FAKE_ENGINE_IGNORE_MPS_FAULT=1 EngineCore stays attached after a fault (keeps MPS in FAULT)
   FAKE_ENGINE_ORPHAN_EXIT_S     an orphaned EngineCore exits after this long (default 120)
   FAKE_ENGINE_KV_TOKENS         KV capacity for vllm:kv_cache_usage_perc (default 262144)
+  FAKE_ENGINE_CPU_BOUND=1       EngineCore spins a thread on a whole core from readiness on
+                                (a CPU-bound scheduler loop: mpsd's CPU-bound diagnosis)
   FAKE_ENGINE_NAME              value of the x-fake-engine response header (default: port)
   FAKE_ENGINE_CONTROL_DIR       poll ``<dir>/<port>.cmd`` every 50 ms for one of ``crash``,
                                 ``hang``, ``unhang``, ``unhealthy``, ``healthy``, ``slow <s>``,
