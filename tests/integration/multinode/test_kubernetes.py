@@ -86,6 +86,40 @@ def test_probes_and_prestop_use_mpsd_endpoints_and_commands() -> None:
         "NVIDIA_DRIVER_CAPABILITIES"]
 
 
+def test_the_pod_runs_without_root_and_its_namespace_says_what_it_needs() -> None:
+    """hostIPC and hostPath need Pod Security "privileged" on the namespace; everything else is
+    as tight as "restricted" asks: non-root, no capabilities, no privilege escalation, the
+    runtime's seccomp profile, a read-only root filesystem. Only the init container that hands
+    the hostPath directories to the mpsd user runs as root, with CAP_CHOWN alone."""
+    spec = daemonset()["spec"]["template"]["spec"]
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
+    assert pod["seccompProfile"]["type"] == "RuntimeDefault"
+    own = container()["securityContext"]
+    assert own["allowPrivilegeEscalation"] is False and own["readOnlyRootFilesystem"] is True
+    assert own["capabilities"] == {"drop": ["ALL"]}
+    (init,) = spec["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["command"][:2] == ["chown", f"{pod['runAsUser']}:{pod['runAsGroup']}"]
+    host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert set(init["command"][2:]) == host_paths
+    namespace = yaml.safe_load((DEPLOY / "namespace.yaml").read_text())
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+def test_scraped_in_one_place_and_probed_with_patience() -> None:
+    service = yaml.safe_load((DEPLOY / "service.yaml").read_text())
+    assert not any(k.startswith("prometheus.io/")
+                   for k in service["metadata"].get("annotations", {}))
+    c = container()
+    assert c["readinessProbe"]["failureThreshold"] >= 2
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert "initialDelaySeconds" not in c["livenessProbe"]  # the startup probe gates it
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["HOME"] in mounts and "/tmp" in mounts  # caches survive; the root stays read-only
+
+
 def test_grace_periods_add_up() -> None:
     c = config()
     readiness = container()["readinessProbe"]
