@@ -139,23 +139,40 @@ def test_crash_loop_fails_the_group_and_the_daemon_stays_up(mpsd: Mpsd) -> None:
     assert mpsd.terminate() == 0
 
 
-def test_every_group_failed_exits_1(mpsd: Mpsd) -> None:
-    mpsd.overrides = {"engine": {"executable": str(mpsd.workdir / "no-such-vllm")}}
+def engine_of(m: Mpsd, gpu: str, key: str) -> dict[str, object]:
+    group = next(g for g in m.status()["groups"] if g["gpu"] == gpu)
+    engine: dict[str, object] = next(e for e in group["engines"] if e["key"] == key)
+    return engine
+
+
+def test_every_gpu_failed_leaves_the_daemon_up_alive_and_not_ready(mpsd: Mpsd) -> None:
+    """A FAILED GPU, even the only one, is a state with its reason: mpsd stays up (liveness
+    200, readiness 503) for the operator's ``mpsd restart``; its exit is for SIGTERM."""
+    mpsd.engine_env = {"FAKE_ENGINE_FAIL_START": "1"}
     mpsd.start()
-    assert mpsd.proc is not None
-    assert mpsd.proc.wait(30) == 1
-    failed = mpsd.events("group_state", to="failed")
-    assert len(failed) == 1 and "boot failure" in failed[0]["reason"]
-    assert len(mpsd.events("group_state", to="starting")) == 1  # no restart loop
+    mpsd.wait_state("gpu0", "failed")
+    reason = mpsd.status()["groups"][0]["reason"]
+    assert "every engine failed" in reason and "crash loop" in reason, reason
+    assert http("GET", f"{mpsd.url}/health")[0] == 503
+    assert http("GET", f"{mpsd.url}/livez")[0] == 200
+    assert mpsd.proc is not None and mpsd.proc.poll() is None
+    assert mpsd.terminate() == 0
 
 
-def test_engine_failing_at_boot_goes_failed_without_looping(mpsd: Mpsd) -> None:
+def test_an_engine_failing_at_boot_fails_alone_and_its_gpu_is_degraded(mpsd: Mpsd) -> None:
+    """Restart intensity per engine: the engine that cannot start is restarted
+    ``max_restarts`` times, then FAILED alone; its sibling serves (DEGRADED), gpu1 runs."""
     mpsd.gpus = 2
     mpsd.engine_env = {f"FAKE_ENGINE_FAIL_START_PORT_{mpsd.engine_port_base}": "1"}
     mpsd.start()
-    mpsd.wait_state("gpu0", "failed")
+    mpsd.wait_state("gpu0", "degraded")
     mpsd.wait_state("gpu1", "running")
-    assert len(mpsd.events("group_state", gpu="gpu0", to="starting")) == 1
+    failed = engine_of(mpsd, "gpu0", "gpu0/tiny-0")
+    assert failed["state"] == "failed" and "crash loop" in str(failed["reason"]), failed
+    assert engine_of(mpsd, "gpu0", "gpu0/tiny-1")["state"] == "ready"
+    starts = [e for e in mpsd.events("process_started") if e.get("engine") == "gpu0/tiny-0"]
+    assert len(starts) == 4  # max_restarts 3: the first start and three restarts
+    assert len(mpsd.events("group_state", gpu="gpu0", to="starting")) == 1  # never the group
     assert mpsd.terminate() == 0
 
 
@@ -254,15 +271,44 @@ def test_explicit_cpu_affinity_is_applied_before_exec(mpsd: Mpsd) -> None:
     assert mpsd.terminate() == 0
 
 
-def test_engine_port_in_use_is_a_boot_failure_naming_the_port(mpsd: Mpsd) -> None:
+@pytest.mark.parametrize("mps", ["off", "on"])
+def test_a_port_taken_during_a_restart_backs_off_and_the_daemon_serves_on(
+        mpsd: Mpsd, mps: str) -> None:
+    """An engine is killed and another program binds its port before the restart: the spawn
+    is a fault of that engine (backoff, its reason in status), never an exception that takes
+    the group or the daemon down; MPS off, the sibling is never touched. Once the port is
+    free the engine comes back."""
+    mpsd.mps = mps
+    mpsd.overrides = {"restart": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0}}
+    mpsd.start()
+    running(mpsd)
+    pids = mpsd.engine_pids()
+    os.kill(pids["gpu0/tiny-0"], signal.SIGKILL)
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", mpsd.engine_port_base))
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        port = mpsd.engine_port_base
+
+        def bound() -> bool:
+            try:
+                squatter.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+        wait_until(bound, 10, f"port {port} free after the kill")
         squatter.listen()
-        mpsd.start()
-        assert mpsd.proc is not None
-        assert mpsd.proc.wait(30) == 1
-    failed = mpsd.events("group_state", to="failed")[0]["reason"]
-    assert f"port {mpsd.engine_port_base}" in failed and "already in use" in failed
+        wait_until(lambda: "already in use" in str(engine_of(mpsd, "gpu0", "gpu0/tiny-0")
+                                                   .get("reason", "")), 20, "the spawn fault")
+        assert engine_of(mpsd, "gpu0", "gpu0/tiny-0")["state"] in ("backoff", "stopped")
+        if mps == "off":
+            assert engine_of(mpsd, "gpu0", "gpu0/tiny-1")["pid"] == pids["gpu0/tiny-1"]
+    wait_until(lambda: engine_of(mpsd, "gpu0", "gpu0/tiny-0")["state"] == "ready", 20,
+               "gpu0/tiny-0 ready again")
+    if mps == "off":
+        assert engine_of(mpsd, "gpu0", "gpu0/tiny-1")["pid"] == pids["gpu0/tiny-1"]
+    assert not mpsd.events("group_state", to="failed")
+    assert mpsd.proc is not None and mpsd.proc.poll() is None
+    assert mpsd.terminate() == 0
 
 
 def test_shutdown_refuses_new_requests_with_503_while_in_flight_ones_finish(mpsd: Mpsd) -> None:

@@ -93,23 +93,25 @@ def test_an_engine_slower_than_its_startup_timeout_is_a_fault_never_a_crash(
     mpsd.wait_state("gpu1", "running")
     mpsd.wait_state("gpu0", "failed", timeout=60)
     reason = mpsd.status()["groups"][0]["reason"]
-    assert "crash loop" in reason and "not ready after 2s" in reason, reason
-    assert [e["signal"] for e in mpsd.events("fault_detected", gpu="gpu0")] == ["startup"] * 2
+    assert "every engine failed" in reason and "crash loop" in reason, reason
+    assert "not ready after 2s" in reason, reason
+    # restart intensity per engine (max_restarts 1): each engine tried twice, then FAILED
+    assert [e["signal"] for e in mpsd.events("fault_detected", gpu="gpu0")] == ["startup"] * 4
     assert not mpsd.events("group_crashed") and serves(mpsd)
     assert mpsd.terminate() == 0
 
 
-def test_a_log_dir_that_cannot_be_created_fails_the_group_with_its_reason(mpsd: Mpsd) -> None:
-    """The only GPU cannot start its MPS daemon: FAILED naming the directory, then exit 1
-    (every group failed), never a crash."""
+def test_a_log_dir_that_cannot_be_created_is_refused_before_anything_starts(
+        mpsd: Mpsd) -> None:
+    """The MPS daemon's log directory cannot be created: ``mpsd run`` says so and exits 78
+    (a configuration problem) before it starts anything, never a crash."""
     blocker = mpsd.workdir / "not-a-dir"
     blocker.write_text("")
     mpsd.overrides = {"daemon": {"log_dir": str(blocker / "log")}}
     mpsd.start()
-    assert mpsd.proc is not None and mpsd.proc.wait(30) == 1
-    failed = mpsd.events("group_state", to="failed")
-    assert failed and "cannot create" in failed[0]["reason"], failed
-    assert not mpsd.events("group_crashed")
+    assert mpsd.proc is not None and mpsd.proc.wait(30) == 78
+    assert "cannot be created" in mpsd.tail(), mpsd.tail()
+    assert not mpsd.events("group_crashed") and not mpsd.events("process_started")
 
 
 def test_an_unwritable_pgid_registry_is_a_warning_not_an_abort(mpsd: Mpsd) -> None:
@@ -126,20 +128,18 @@ def test_an_unwritable_pgid_registry_is_a_warning_not_an_abort(mpsd: Mpsd) -> No
 
 
 def test_mpsd_status_and_metrics_show_a_failed_groups_reason(mpsd: Mpsd) -> None:
-    """A boot failure of one GPU (its engine's port taken) is FAILED with the reason in
-    ``/mpsd/status`` while the other GPU serves."""
-    import socket  # noqa: PLC0415 - only this test squats a port
-
+    """Both engines of gpu0 fail at boot: gpu0 is FAILED with the reason in ``/mpsd/status``
+    and the metrics while the other GPU serves."""
     mpsd.gpus = 2
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", mpsd.engine_port_base))
-        squatter.listen()
-        mpsd.start()
-        mpsd.wait_state("gpu1", "running")
-        mpsd.wait_state("gpu0", "failed")
-        group = mpsd.status()["groups"][0]
-        assert group["state"] == "failed" and "already in use" in group["reason"]
-        wait_until(lambda: serves(mpsd), 10, "gpu1 serving")
-        code, _, metrics = http("GET", f"{mpsd.url}/metrics")
-        assert code == 200 and b'mpsd_group_state{gpu="gpu0",state="failed"} 1.0' in metrics
+    base = mpsd.engine_port_base
+    mpsd.engine_env = {f"FAKE_ENGINE_FAIL_START_PORT_{p}": "1" for p in (base, base + 1)}
+    mpsd.start()
+    mpsd.wait_state("gpu1", "running")
+    mpsd.wait_state("gpu0", "failed")
+    group = mpsd.status()["groups"][0]
+    assert group["state"] == "failed" and "exited with code 1" in group["reason"], group
+    assert {e["state"] for e in group["engines"]} == {"failed"}
+    wait_until(lambda: serves(mpsd), 10, "gpu1 serving")
+    code, _, metrics = http("GET", f"{mpsd.url}/metrics")
+    assert code == 200 and b'mpsd_group_state{gpu="gpu0",state="failed"} 1.0' in metrics
     assert mpsd.terminate() == 0
