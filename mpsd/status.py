@@ -88,7 +88,7 @@ class GroupStatus(TypedDict):
     strategy: NotRequired[str]  # one_for_all (MPS on) or one_for_one (MPS off)
     desired: NotRequired[DesiredStatus]
     observed_generation: NotRequired[int]  # the desired generation the state describes
-    diagnosis: NotRequired[GpuDiagnosis]  # absent until the metrics poll has samples
+    diagnosis: NotRequired[GpuDiagnosis | None]  # None until the metrics poll has samples
 
 
 class DaemonStatus(TypedDict):

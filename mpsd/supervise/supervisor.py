@@ -361,8 +361,7 @@ def _mps_identity(options: GroupOptions) -> tuple[str, dict[str, str]]:
 
 
 def _diagnosed(view: GroupStatus, diagnosis: GpuDiagnosis | None) -> GroupStatus:
-    if diagnosis is not None:
-        view["diagnosis"] = diagnosis
+    view["diagnosis"] = diagnosis
     return view
 
 
