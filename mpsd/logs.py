@@ -22,11 +22,15 @@ access-log lines of mpsd's own probes, which must never reach the journal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shlex
 import sys
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import structlog
@@ -367,3 +371,71 @@ class LastError:
     def line(self) -> str | None:
         """The cause, or None when the output said nothing that reads as an error."""
         return self._exception or self._error
+
+
+class OutputFile:
+    """Every line of one child's output, appended to its own file (``log_dir/gpu0/qwen-0.log``):
+    what the journal leaves out at the default level (an engine's routine lines) is there in
+    full, and a fault's one-line reason can point at it.
+
+    Bounded: past ``max_bytes`` the file moves to ``<name>.1`` (replacing the one before) and
+    a new one starts. A write that fails (a full disk, a directory gone) is dropped and counted
+    with the other log write errors (:func:`write_errors`); the child never notices.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 16 << 20) -> None:
+        self.path = path
+        self._max = max_bytes
+        self._file: IO[str] | None = None
+        self._size = 0
+
+    def write(self, line: str) -> None:
+        try:
+            if self._file is None or self._size >= self._max:
+                self._reopen()
+            assert self._file is not None
+            self._file.write(line + "\n")
+            self._file.flush()
+            self._size += len(line) + 1
+        except (OSError, ValueError):
+            _sink.errors += 1
+
+    def _reopen(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.path.replace(self.path.with_name(self.path.name + ".1"))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8", errors="replace")
+        self._size = self.path.stat().st_size
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+class OutputTap:
+    """What :class:`~mpsd.supervise.process.ChildProcess` keeps of a child's output besides
+    the log events: the cause of a failure (:class:`LastError`) and, given a path, the whole
+    output in a file (:class:`OutputFile`)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.last_error = LastError()
+        self.file = OutputFile(path) if path is not None else None
+
+    def started(self, pid: int, argv: Sequence[str]) -> None:
+        """Mark a new process in the file, which the restarts of one engine share."""
+        if self.file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self.file.write(f"--- {stamp} mpsd started PID {pid}: {shlex.join(argv)}")
+
+    def feed(self, line: str) -> None:
+        self.last_error.feed(line)
+        if self.file is not None:
+            self.file.write(line)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

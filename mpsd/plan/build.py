@@ -43,6 +43,9 @@ class EnginePlan:
     model: str
     #: What the engine loads: a local path (absolute once planned) or a hub id.
     model_source: str
+    #: The engine's whole output, every restart appended (the journal has its warnings and
+    #: errors; its routine lines only here and at debug).
+    log_file: Path
     port: int
     argv: tuple[str, ...]
     env: Mapping[str, str]
@@ -199,7 +202,7 @@ def _engine_plan(gpu: str, engine: EngineConfig, replica: int, port: int, uuid: 
     return EnginePlan(
         key=f"{gpu}/{name}-{replica}", gpu=gpu, name=name, replica=replica, kind=engine.kind,
         model=engine.served_name, port=port,
-        model_source=engine.model,
+        model_source=engine.model, log_file=log_dir / f"{name}-{replica}.log",
         argv=engine_argv(engine, port, share, substitute),
         env=engine_env(environ, uuid, pipe_dir, log_dir, engine, pinned, substitute),
         memory_share=share, pinned_limit_bytes=pinned,

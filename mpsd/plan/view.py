@@ -32,6 +32,7 @@ def _engine_dict(e: EnginePlan) -> dict[str, Any]:
         "memory_share": e.memory_share, "pinned_limit_bytes": e.pinned_limit_bytes,
         "active_thread_percentage": e.active_thread_percentage,
         "cpus": list(e.cpus) if e.cpus else None, "argv": list(e.argv), "env": dict(e.env),
+        "log_file": str(e.log_file),
     }
 
 
@@ -54,6 +55,7 @@ def plan_text(plan: Plan) -> str:
                          f"memory share {share}  threads {e.active_thread_percentage}%  "
                          f"cores {cores}")
             lines.append(f"     argv: {shlex.join(e.argv)}")
+            lines.append(f"     output: {e.log_file}")
             shown = {k: v for k, v in e.env.items()
                      if k.startswith("CUDA_") or k not in _BASIC_ENV}
             for key, value in sorted(shown.items()):

@@ -81,7 +81,7 @@ class Engine:
             plan.key, plan.argv, plan.env, cpus=plan.cpus, registry=registry,
             log_fields={"gpu": plan.gpu, "engine": plan.key},
             levels=logs.EngineOutput(plan.key, _PROBED_PATHS | {plan.health_path},
-                                     lambda: self.stopping))
+                                     lambda: self.stopping), output_file=plan.log_file)
         self.stopping = False
         self.answered = False  # /health said 200 once: it booted, whatever happens next
         self.mps_pids: frozenset[int] = frozenset()  # its MPS clients, seen by the attach check

@@ -73,7 +73,7 @@ def preflight(plan: Plan, *, control_binary: str, state_dir: Path,
     # one line per cause, naming every engine it stops (replicas share their executable)
     engines_of: dict[str, list[str]] = {}
     for group in plan.groups:
-        dirs += [group.log_dir, group.pipe_dir] if group.mps else []
+        dirs += [group.log_dir, group.pipe_dir] if group.mps else [group.log_dir]
         for engine in group.engines:
             command = engine.argv[0]
             if not _runnable(command, engine.env.get("PATH") or os.environ.get("PATH")):

@@ -59,10 +59,12 @@ class ChildProcess:
                  cpus: Sequence[int] | None = None, registry: Path | None = None,
                  log_fields: Mapping[str, Any] | None = None,
                  on_line: Callable[[str], None] | None = None,
-                 levels: Callable[[str, str], str | None] | None = None) -> None:
+                 levels: Callable[[str, str], str | None] | None = None,
+                 output_file: Path | None = None) -> None:
         """``on_line`` takes over the child's output lines; else each is an ``output`` event at
         the level ``levels(line, previous line's level)`` gives (default: the level the line
-        states, :func:`mpsd.logs.engine_line_level`), or dropped where that is None."""
+        states, :func:`mpsd.logs.engine_line_level`), or dropped where that is None. Every line
+        also goes to ``output_file`` if given (:class:`mpsd.logs.OutputTap`)."""
         self.name = name
         self.argv = tuple(argv)
         self.env = dict(env)
@@ -73,7 +75,7 @@ class ChildProcess:
         self._levels = levels or logs.engine_line_level
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
-        self._last_error = logs.LastError()
+        self._output = logs.OutputTap(output_file)
 
     @property
     def pid(self) -> int:
@@ -92,7 +94,12 @@ class ChildProcess:
     def last_error(self) -> str | None:
         """Why the child failed, in one line: its output's last meaningful error line
         (:class:`mpsd.logs.LastError`), or None when it printed none."""
-        return self._last_error.line
+        return self._output.last_error.line
+
+    @property
+    def output_file(self) -> Path | None:
+        """The file that holds the child's whole output (None: only the log events)."""
+        return self._output.file.path if self._output.file is not None else None
 
     @property
     def returncode(self) -> int | None:
@@ -112,6 +119,7 @@ class ChildProcess:
         except MemoryError as exc:
             raise SpawnError(f"cannot run {self.argv[0]!r}: out of memory") from exc
         self._remember()
+        self._output.started(self.pid, self.argv)
         self._drain = asyncio.ensure_future(self._drain_output())
         _log.info("process_started", name=self.name, pid=self.pid, argv=" ".join(self.argv),
                   cpus=list(self.cpus or ()), **self._fields)
@@ -192,11 +200,12 @@ class ChildProcess:
             except (ValueError, asyncio.LimitOverrunError):
                 continue
             if not raw:
+                self._output.close()
                 return
             line = raw.decode("utf-8", "replace").rstrip()
             if not line:
                 continue
-            self._last_error.feed(line)
+            self._output.feed(line)
             if self._on_line is not None:  # the owner parses and logs this output itself
                 self._on_line(line)
                 continue

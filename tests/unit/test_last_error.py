@@ -65,10 +65,38 @@ async def test_a_child_process_says_why_it_exited(tmp_path: Path) -> None:
     script.write_text("import sys\nprint('starting')\nprint('Traceback (most recent call last):')\n"
                       "print('OSError: ./m is not a local folder and is not a valid model "
                       "identifier')\nsys.exit(1)\n")
-    child = ChildProcess("gpu0/x-0", [sys.executable, str(script)], {}, registry=tmp_path)
-    assert child.last_error is None
-    await child.start()
-    with anyio.fail_after(10):
-        assert await child.wait() == 1
-    assert child.last_error == ("OSError: ./m is not a local folder and is not a valid model "
-                                "identifier")
+    output = tmp_path / "log" / "gpu0" / "x-0.log"
+    child = ChildProcess("gpu0/x-0", [sys.executable, str(script)], {}, registry=tmp_path,
+                         output_file=output)
+    assert child.last_error is None and child.output_file == output
+    for run in (1, 2):  # a restart appends to the same file, marked
+        await child.start()
+        with anyio.fail_after(10):
+            assert await child.wait() == 1
+        assert child.last_error == ("OSError: ./m is not a local folder and is not a valid "
+                                    "model identifier")
+        lines = output.read_text().splitlines()
+        assert len(lines) == 4 * run and lines[-3:] == [
+            "starting", "Traceback (most recent call last):",
+            "OSError: ./m is not a local folder and is not a valid model identifier"]
+        assert lines[-4].startswith("--- ") and f"mpsd started PID {child.pid}: " in lines[-4]
+
+
+def test_the_output_file_is_bounded(tmp_path: Path) -> None:
+    """Past its size the file moves to ``.1`` (replacing the one before): two files at most."""
+    out = logs.OutputFile(tmp_path / "e-0.log", max_bytes=100)
+    for i in range(30):
+        out.write(f"line {i:02d} " + "x" * 20)  # 29 bytes a line
+    out.close()
+    current, previous = tmp_path / "e-0.log", tmp_path / "e-0.log.1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e-0.log", "e-0.log.1"]
+    assert current.read_text().splitlines()[-1].startswith("line 29 ")
+    assert previous.stat().st_size <= 100 + 29 and current.stat().st_size <= 100 + 29
+
+
+def test_an_output_file_that_cannot_be_written_is_counted_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = logs.OutputFile(tmp_path / "file" / "e-0.log")  # a file where a directory should be
+    before = logs.write_errors()
+    out.write("a line")
+    assert logs.write_errors() == before + 1

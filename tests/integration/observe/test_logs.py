@@ -89,4 +89,7 @@ def test_start_up_fits_a_screen_at_the_default_level(mpsd: Mpsd) -> None:
     assert not [e for e in before if e["event"] == "output"], before
     # a screenful: 35 lines for MPS and two engines here (11 of them the MPS server's log)
     assert len(before) <= 40, "\n".join(f"{e['level']} {e['event']}" for e in before)
+    # what the console left out is in each engine's own file, whole
+    output = mpsd.workdir / "log" / "gpu0" / "tiny-0.log"
+    assert "Application startup complete" in output.read_text()
     assert mpsd.terminate() == 0
