@@ -151,7 +151,23 @@ def general(w: World) -> list[str]:
     st = w.status()
     if st is None:
         return ["/mpsd/status does not answer"]
-    return engines_accounted(w, st) + health_matches(w, st) + processes_match(w, st)
+    return (engines_accounted(w, st) + verdicts_stay(w, st) + health_matches(w, st)
+            + processes_match(w, st))
+
+
+def verdicts_stay(w: World, st: dict[str, Any]) -> list[str]:
+    """What needs an operator stays until the operator acts (``mpsd restart``): a drained GPU
+    runs no engine, a GPU failed by a hardware Xid stays FAILED, whatever reloads came."""
+    out: list[str] = []
+    for g in st["groups"]:
+        gpu = int(g["gpu"].removeprefix("gpu"))
+        if gpu in w.drained:
+            out += [f"drained gpu{gpu}: {e['key']} runs again (pid {e['pid']})"
+                    for e in g["engines"] if e.get("pid") or e["ready"]]
+        if gpu in w.hardware_failed and g.get("state") != "failed":
+            out.append(f"gpu{gpu} failed by a hardware Xid is {g.get('state')} again "
+                       f"({g.get('reason')!r}) with no operator's restart")
+    return out
 
 
 def calm_ready_gpus(w: World) -> None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.explorer.world import STALL_TIMEOUT_S, World, alive, model_of
+from tests.explorer.world import STALL_TIMEOUT_S, TOKEN_DELAY_S, World, alive, model_of
 from tests.harness import http
 from tests.load import engine_core
 
@@ -257,6 +257,16 @@ def mps_fault(w: World, s: Step) -> Effect:
     return effect
 
 
+def xid(w: World, s: Step) -> Effect:
+    """NVML reports Xid ``arg`` on the GPU: 13 (an application's) recovers its group, 79
+    (fallen off the bus) fails it until an operator's ``mpsd restart``."""
+    code = int(s.arg) or 13
+    w.xid(s.gpu, code)
+    if code == 79:
+        w.hardware_failed.add(s.gpu)
+    return Effect(disturbs={s.gpu})
+
+
 # -- environment faults -----------------------------------------------------------------
 
 
@@ -300,11 +310,10 @@ def _reload(w: World, via_signal: bool) -> subprocess.CompletedProcess[str] | No
     return w.cli("reload", timeout=90)
 
 
-def _drained_stays(w: World) -> Check:
-    def check() -> list[str]:
-        return [f"drained gpu{g}: {e['key']} runs again (pid {e['pid']})"
-                for g in sorted(w.drained) for e in w.engines(g) if e.get("pid") or e["ready"]]
-    return check
+def _mps_changed(w: World) -> dict[str, object]:
+    doc = copy.deepcopy(w.doc)
+    doc["mps"]["env"] = {**doc["mps"]["env"], "EXPLORER_GEN": str(next(_generation))}
+    return doc
 
 
 _generation = iter(range(1, 1 << 30))
@@ -319,7 +328,18 @@ def reload_good(w: World, s: Step) -> Effect:
     out = _reload(w, bool(s.arg))
     if out is not None and out.returncode != 0:
         effect.violations.append(f"good reload exited {out.returncode}: {out.stderr.strip()}")
-    effect.checks.append(_drained_stays(w))
+    return effect
+
+
+def reload_mps(w: World, s: Step) -> Effect:
+    """An ``[mps]`` edit (the daemons' environment): every GPU's MPS daemon is replaced, so
+    every GPU may be disturbed, but none that needs an operator comes back."""
+    effect = Effect(disturbs=set(range(w.gpus)))
+    w.doc = _mps_changed(w)
+    w.write(w.doc)
+    out = _reload(w, bool(s.arg))
+    if out is not None and out.returncode != 0:
+        effect.violations.append(f"[mps] reload exited {out.returncode}: {out.stderr.strip()}")
     return effect
 
 
@@ -337,7 +357,7 @@ def _bad_reload(env: dict[str, str]) -> Callable[[World, Step], Effect]:
             now = _ready_keys(w)
             return [] if now >= before else [
                 f"failed reload left fewer ready engines: {sorted(before - now)} not ready"]
-        effect.checks += [same_ready, _drained_stays(w)]
+        effect.checks.append(same_ready)
         effect.cleanup.append(lambda: _fix(w))
         return effect
     step.__doc__ = f"A reload whose new engines get {env}; it must roll back and say so."
@@ -358,6 +378,7 @@ def restart(w: World, s: Step) -> Effect:
         effect.violations.append(f"mpsd restart gpu{s.gpu} exited {out.returncode}: "
                                  f"{out.stderr.strip()}")
     w.drained.discard(s.gpu)
+    w.hardware_failed.discard(s.gpu)
     return effect
 
 
@@ -369,7 +390,6 @@ def drain(w: World, s: Step) -> Effect:
                                  f"{out.stderr.strip()}")
     else:
         w.drained.add(s.gpu)
-    effect.checks.append(_drained_stays(w))
     return effect
 
 
@@ -402,16 +422,21 @@ def second_run(w: World, s: Step) -> Effect:
 
 
 def race_restart_reload(w: World, s: Step) -> Effect:
-    """``mpsd restart gpuN`` and a SIGHUP that changes gpuN at the same moment."""
-    effect = Effect(disturbs={s.gpu})
+    """``mpsd restart gpuN`` and a SIGHUP at the same moment that changes gpuN's engines
+    (arg 0) or every GPU's MPS daemon (arg 1: the group itself restarts)."""
+    effect = Effect(disturbs=set(range(w.gpus)) if s.arg else {s.gpu})
     result: list[subprocess.CompletedProcess[str]] = []
     thread = threading.Thread(target=lambda: result.append(w.cli("restart", f"gpu{s.gpu}")))
     thread.start()
-    w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
+    if s.arg:
+        w.doc = _mps_changed(w)
+    else:
+        w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
     w.write(w.doc)
     _reload(w, True)
     thread.join(90)
     w.drained.discard(s.gpu)
+    w.hardware_failed.discard(s.gpu)
     if result and result[0].returncode != 0:
         effect.note = f"restart during reload exited {result[0].returncode}"
     return effect
@@ -435,16 +460,21 @@ def kill_reload(w: World, s: Step) -> Effect:
 def stuck_reader(w: World, s: Step) -> Effect:
     """A client asks for a long stream and reads nothing for ``arg`` s: only its own request
     may suffer."""
-    body = (b'{"model": "%s", "prompt": "hi", "max_tokens": 20000, "stream": true}'
+    body = (b'{"model": "%s", "prompt": "hi", "max_tokens": 2000, "stream": true}'
             % model_of(s.gpu).encode())
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
+    ports = [int(e["port"]) for e in w.engines(s.gpu)]
+    for port in ports:  # fast tokens fill the socket buffers within a second
+        w.m.control(port, "slow 0.001")
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", w.m.port))
     client.sendall(head + body)
     hold(w, s.arg or STALL_TIMEOUT_S + 2)
     client.close()
+    for port in ports:
+        w.m.control(port, f"slow {TOKEN_DELAY_S}")
     return Effect()
 
 
@@ -458,7 +488,7 @@ def long_answer(w: World, s: Step) -> Effect:
                          {"model": model_of(s.gpu), "prompt": "hi", "max_tokens": 60},
                          timeout=60)
     for port in ports:
-        w.m.control(port, "slow 0.01")
+        w.m.control(port, f"slow {TOKEN_DELAY_S}")
     if code != 200:
         effect.violations.append(f"a {60 * 0.06:g} s non-streaming answer got {code}: "
                                  f"{body[:160]!r}")
@@ -476,9 +506,11 @@ STEPS: dict[str, Callable[[World, Step], Effect]] = {
     "canary_500": canary_500,
     "kill_mps": kill_mps,
     "mps_fault": mps_fault,
+    "xid": xid,
     "state_ro": state_ro,
     "close_stdout": close_stdout,
     "reload_good": reload_good,
+    "reload_mps": reload_mps,
     "reload_crash": _bad_reload({"FAKE_ENGINE_FAIL_START": "1"}),
     "reload_hang": _bad_reload({"FAKE_ENGINE_START_DELAY_S": "3600"}),
     "restart": restart,
@@ -495,7 +527,8 @@ ONCE = frozenset({"close_stdout"})  # a pipe closes once
 # how often a seed picks each kind: engine faults most, slow steps least
 WEIGHTS = {"kill_leader": 4, "kill_core": 4, "stop_cont": 2, "squat_port": 2, "spawn_fail": 2,
            "start_hang": 1, "canary_start": 1, "canary_500": 2, "kill_mps": 2, "mps_fault": 2,
-           "state_ro": 1, "close_stdout": 1, "reload_good": 2, "reload_crash": 1,
+           "xid": 2,
+           "state_ro": 1, "close_stdout": 1, "reload_good": 2, "reload_mps": 1, "reload_crash": 1,
            "reload_hang": 1, "restart": 2, "drain": 1, "sighup_storm": 2, "second_run": 1,
            "race_restart_reload": 1, "kill_reload": 1, "stuck_reader": 1, "long_answer": 1}
 
@@ -518,7 +551,9 @@ def generate(seed: int, mps: str, steps: int, gpus: int = 2, replicas: int = 2) 
                "reload_good": rng.choice((0, 1)), "reload_crash": rng.choice((0, 1)),
                "reload_hang": rng.choice((0, 1)), "sighup_storm": rng.choice((3, 8)),
                "stuck_reader": rng.choice((3.0, 5.0)),
-               "kill_reload": rng.choice((0.0, 0.2))}.get(kind, 0)
+               "kill_reload": rng.choice((0.0, 0.3)),
+               "race_restart_reload": rng.choice((0, 1)), "reload_mps": rng.choice((0, 1)),
+               "xid": rng.choice((13, 13, 79))}.get(kind, 0)
         out.append(Step(kind, rng.randrange(gpus), rng.randrange(replicas), float(arg)))
     out.append(Step("sigterm", arg=rng.choice((0.0, 0.0, 0.3, 1.0))))
     return out

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Mpsd, http, processes_mentioning, render_toml
+from tests.harness import FAKES, Mpsd, http, processes_mentioning, render_toml
 from tests.load import MixedLoad
 
 TOKEN_DELAY_S = 0.01  # a request of the load takes ~0.3 s: streams flow while faults land
 STARTUP_TIMEOUT_S = 5.0
 STALL_TIMEOUT_S = 2.0
+UUIDS = ["GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"]
 STOP_BOUND_S = 30.0  # SIGTERM to exit: drain 2 s + stop 2 s per engine + MPS quit, with room
 
 
@@ -92,6 +93,7 @@ class World:
     # per GPU, the intervals [start, end] during which a step meant to disturb it
     disturbed: dict[int, list[list[float]]] = field(default_factory=dict)
     drained: set[int] = field(default_factory=set)
+    hardware_failed: set[int] = field(default_factory=set)  # a hardware Xid: needs an operator
     stopping_at: float | None = None  # when SIGTERM was sent
     helpers: set[int] = field(default_factory=set)  # our own CLI processes and second runs
     _pump: threading.Thread | None = None
@@ -101,6 +103,30 @@ class World:
         self.m = Mpsd(self.workdir, gpus=self.gpus, replicas=self.replicas, mps=self.mps)
         self.doc = self._config()
         self.disturbed = {g: [] for g in range(self.gpus)}
+        self.nvml_state = self.workdir / "nvml.json"
+        self._xids: list[dict[str, object]] = []
+        self._write_nvml()
+
+    def _write_nvml(self) -> None:
+        """The fake NVML's state (tests/fakes/nvml): two GPUs and the Xids sent so far."""
+        gpus = [{"uuid": u, "name": "NVIDIA H200", "memory_total": 150_000_000_000,
+                 "memory_used": 1_000_000_000, "util": 10, "cpus": [0, 1]}
+                for u in UUIDS[:self.gpus]]
+        tmp = self.nvml_state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"mode": "ok", "gpus": gpus, "events": self._xids}))
+        tmp.replace(self.nvml_state)
+
+    def xid(self, gpu: int, code: int) -> None:
+        """NVML reports Xid ``code`` on ``gpu``."""
+        self._xids.append({"uuid": UUIDS[gpu], "xid": code})
+        self._write_nvml()
+
+    def env(self) -> dict[str, str]:
+        """``mpsd run``'s environment with the fake NVML first on its import path."""
+        env = self.m.run_env()
+        env["PYTHONPATH"] = f"{FAKES / 'nvml'}:{env.get('PYTHONPATH', '')}"
+        env["FAKE_NVML_STATE"] = str(self.nvml_state)
+        return env
 
     # -- config --------------------------------------------------------------------------
 
@@ -127,7 +153,7 @@ class World:
         """Start ``mpsd run`` with its stdout on a pipe that a thread copies to the log."""
         self.write(self.doc)
         proc = subprocess.Popen(self.m.run_argv(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=self.m.run_env(),
+                                stderr=subprocess.STDOUT, env=self.env(),
                                 start_new_session=True)
         self.m.proc = proc
         assert proc.stdout is not None
@@ -271,7 +297,7 @@ class World:
         """Another ``mpsd run`` with the same config (quickstart twice, ``sudo mpsd run``)."""
         log = (self.workdir / "second.log").open("ab")
         proc = subprocess.Popen(self.m.run_argv(), stdout=log, stderr=subprocess.STDOUT,
-                                env=self.m.run_env(), start_new_session=True)
+                                env=self.env(), start_new_session=True)
         log.close()
         self.helpers.add(proc.pid)
         return proc

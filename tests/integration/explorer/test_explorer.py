@@ -112,3 +112,14 @@ def test_a_second_mpsd_run_refuses_and_touches_nothing(workdir: Path) -> None:
 def test_a_closed_stdout_does_not_kill_mpsd(workdir: Path) -> None:
     """With its stdout's reader closed, mpsd exited 141 within 1 s, every engine healthy."""
     explore(workdir, "close_stdout,kill_leader:gpu1/0")
+
+
+def test_a_hardware_xid_verdict_survives_a_reload(workdir: Path) -> None:
+    """A reload restarted a group FAILED by a hardware Xid 79 (any ``[mps]`` edit touched
+    every group); only ``mpsd restart`` may bring it back."""
+    explore(workdir, "xid:gpu0/0@79,reload_mps,restart:gpu0/0")
+
+
+def test_an_application_xid_recovers_only_its_gpu(workdir: Path) -> None:
+    """Xid 13 on gpu1 recovers gpu1; gpu0 loses no request."""
+    explore(workdir, "xid:gpu1/0@13")
