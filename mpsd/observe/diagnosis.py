@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -41,6 +41,7 @@ GPU_IDLE_BELOW = 0.80
 VERDICT_RATIO = 0.5
 WINDOW_S = 300.0
 MIN_SAMPLES = 3  # fewer say nothing yet (a start, a burst)
+_K = TypeVar("_K", bound=Hashable)
 ADVICE = ("the GPU waits for the engines' CPU: one more engine under MPS, or vLLM's async "
           "scheduling, is likely to pay — `mpsd tune` measures it")
 
@@ -111,13 +112,14 @@ class CpuDemand:
         self._last: dict[int, int] = {}
         self._last_at: float | None = None
 
-    def read(self, leaders: Mapping[str, int]) -> dict[str, float]:
-        """``{engine: busiest thread's share of the interval}``; empty on the first call
-        (there is no interval yet). Blocking file reads: run it on a worker thread."""
+    def read(self, leaders: Mapping[_K, int]) -> dict[_K, float]:
+        """``{engine: busiest thread's share of the interval}`` for ``{engine: its process
+        group leader}``; empty on the first call (there is no interval yet). Blocking file
+        reads: run it on a worker thread."""
         now = self._clock()
         members = _process_groups(self._proc, set(leaders.values()))
         current: dict[int, int] = {}
-        out: dict[str, float] = {}
+        out: dict[_K, float] = {}
         for engine, leader in leaders.items():
             busiest = 0.0
             for pid in members.get(leader, []):
@@ -151,12 +153,10 @@ class Diagnosis:
         read on a worker thread."""
         leaders = {(group.plan.key, key): engine.pid for group in groups
                    for key, engine in group.engines.items() if engine.pid is not None}
-        demand = await anyio.to_thread.run_sync(
-            self._demand.read, {f"{gpu}\0{key}": pid for (gpu, key), pid in leaders.items()})
+        demand = await anyio.to_thread.run_sync(self._demand.read, leaders)
         now = self._clock()
         per_gpu: dict[str, dict[str, float]] = {}
-        for name, share in demand.items():
-            gpu, key = name.split("\0")
+        for (gpu, key), share in demand.items():
             per_gpu.setdefault(gpu, {})[key] = share
         for gpu in {gpu for gpu, _ in leaders} | set(self._samples):
             samples = self._samples.setdefault(gpu, deque())
