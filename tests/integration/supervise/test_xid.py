@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.harness import FAKES, Mpsd
+from tests.harness import FAKES, Mpsd, render_toml
 
 UUIDS = ["GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"]
 
@@ -56,4 +58,16 @@ def test_xids_recover_or_fail_the_group_of_their_gpu(mpsd: Mpsd) -> None:
     failed = mpsd.events("group_state", gpu="gpu1", to="failed")[0]
     assert "hardware Xid 79" in failed["reason"]
     assert mpsd.group_state("gpu0") == "running"
+
+    # a reload that restarts every MPS group (a new [mps] env) keeps the verdict: gpu1 still
+    # needs an operator; gpu0 restarts and serves
+    doc = mpsd.config()
+    doc["mps"]["env"] = {**doc["mps"]["env"], "FAKE_MPS_NOTE": "changed"}
+    mpsd.config_file.write_text(render_toml(doc))
+    assert subprocess.run([sys.executable, "-m", "mpsd", "reload", "-c", str(mpsd.config_file)],
+                          capture_output=True, timeout=60, check=False).returncode == 0
+    mpsd.wait_state("gpu0", "running", after=1)
+    gpu1 = next(g for g in mpsd.status()["groups"] if g["gpu"] == "gpu1")
+    assert gpu1["state"] == "failed" and "hardware Xid 79" in gpu1["reason"], gpu1
+    assert not [e for e in mpsd.events("engine_starting") if e.get("gpu") == "gpu1"][2:]
     assert mpsd.terminate() == 0
