@@ -178,7 +178,7 @@ async def test_drain_stops_the_group_and_restart_starts_it(
         assert audit["peer_uid"] == os.getuid() and audit["peer_pid"] == os.getpid()
 
         assert await call(control_client.status, d.sock, False, False) == 0
-        assert "State: stopped since" in capsys.readouterr().out
+        assert "State: stopped (drained) since" in capsys.readouterr().out
 
         assert await call(control_client.restart, d.sock, "0") == 0  # by device, too
         assert "gpu0: restarting" in capsys.readouterr().out
