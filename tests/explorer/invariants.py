@@ -197,14 +197,14 @@ def settle(w: World, checks: list[Check], bound: float = SETTLE_S) -> list[str]:
 
 
 def requests_ok(w: World, seen: dict[int, int]) -> list[str]:
-    """Requests that failed while their GPU was not disturbed (reported once each)."""
+    """Requests that failed while their GPU was not disturbed (reported once each; ``seen``
+    counts, per load, those already judged)."""
     out: list[str] = []
-    for gpu, load in w.loads.items():
-        sent = list(load.sent)
-        bad = [r for r in sent[seen.get(gpu, 0):] if not r.ok
-               and not w.was_disturbed(gpu, r.t0, r.t1)
+    for gpu, loads in w.loads.items():
+        sent = [r for load in loads for r in load.sent[seen.get(id(load), 0):]]
+        seen.update({id(load): len(load.sent) for load in loads})
+        bad = [r for r in sent if not r.ok and not w.was_disturbed(gpu, r.t0, r.t1)
                and (w.stopping_at is None or r.t1 < w.stopping_at)]
-        seen[gpu] = len(sent)
         if bad:
             whats = sorted({r.what[:100] for r in bad})[:3]
             out.append(f"{len(bad)} requests to {model_of(gpu)} failed while gpu{gpu} was not "

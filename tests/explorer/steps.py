@@ -21,7 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tests.explorer.world import STALL_TIMEOUT_S, TOKEN_DELAY_S, World, alive, model_of
+from tests.explorer.world import (
+    STALL_TIMEOUT_S,
+    STUCK_TOKENS,
+    TOKEN_DELAY_S,
+    World,
+    alive,
+    model_of,
+)
 from tests.harness import http
 from tests.load import engine_core
 
@@ -460,35 +467,36 @@ def kill_reload(w: World, s: Step) -> Effect:
 def stuck_reader(w: World, s: Step) -> Effect:
     """A client asks for a long stream and reads nothing for ``arg`` s: only its own request
     may suffer."""
-    body = (b'{"model": "%s", "prompt": "hi", "max_tokens": 2000, "stream": true}'
-            % model_of(s.gpu).encode())
+    body = (b'{"model": "%s", "prompt": "hi", "max_tokens": %d, "stream": true}'
+            % (model_of(s.gpu).encode(), STUCK_TOKENS))
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
+    effect = Effect(checks=[_pids_unchanged(w, "a client that stopped reading cost a restart")])
     ports = [int(e["port"]) for e in w.engines(s.gpu)]
-    for port in ports:  # fast tokens fill the socket buffers within a second
-        w.m.control(port, "slow 0.001")
+    w.pause_load(s.gpu)  # the stuck exchange alone on its engine: nothing else sends bytes
+    w.control(ports, "slow 0")  # tokens at full speed fill the socket buffers at once
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", w.m.port))
     client.sendall(head + body)
     hold(w, s.arg or STALL_TIMEOUT_S + 2)
     client.close()
-    for port in ports:
-        w.m.control(port, f"slow {TOKEN_DELAY_S}")
-    return Effect()
+    w.control(ports, f"slow {TOKEN_DELAY_S}")
+    w.resume_load(s.gpu)
+    return effect
 
 
 def long_answer(w: World, s: Step) -> Effect:
     """A non-streaming answer that takes longer than ``stall_timeout_s``: no hang, no kill."""
-    effect = Effect()
+    effect = Effect(checks=[_pids_unchanged(w, "a long answer cost a restart")])
     ports = [int(e["port"]) for e in w.engines(s.gpu)]
-    for port in ports:
-        w.m.control(port, "slow 0.06")
+    w.pause_load(s.gpu)  # alone on an otherwise idle engine, as the issue measured it
+    w.control(ports, "slow 0.06")
     code, _, body = http("POST", f"{w.m.url}/v1/completions",
                          {"model": model_of(s.gpu), "prompt": "hi", "max_tokens": 60},
                          timeout=60)
-    for port in ports:
-        w.m.control(port, f"slow {TOKEN_DELAY_S}")
+    w.control(ports, f"slow {TOKEN_DELAY_S}")
+    w.resume_load(s.gpu)
     if code != 200:
         effect.violations.append(f"a {60 * 0.06:g} s non-streaming answer got {code}: "
                                  f"{body[:160]!r}")

@@ -22,12 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import FAKES, Mpsd, http, processes_mentioning, render_toml
+from tests.harness import (
+    FAKES,
+    Mpsd,
+    http,
+    processes_mentioning,
+    render_toml,
+    wait_until,
+)
 from tests.load import MixedLoad
 
 TOKEN_DELAY_S = 0.01  # a request of the load takes ~0.3 s: streams flow while faults land
 STARTUP_TIMEOUT_S = 5.0
 STALL_TIMEOUT_S = 2.0
+STUCK_TOKENS = 60000  # ~12 MB of SSE: more than the kernel's 4 MB send buffer and asyncio's
 UUIDS = ["GPU-11111111-2222-3333-4444-555555555555", "GPU-66666666-7777-8888-9999-000000000000"]
 STOP_BOUND_S = 30.0  # SIGTERM to exit: drain 2 s + stop 2 s per engine + MPS quit, with room
 
@@ -89,7 +97,7 @@ class World:
     clients_per_gpu: int = 2
     m: Mpsd = field(init=False)
     doc: dict[str, Any] = field(init=False)
-    loads: dict[int, MixedLoad] = field(default_factory=dict)
+    loads: dict[int, list[MixedLoad]] = field(default_factory=dict)  # per GPU, the last runs
     # per GPU, the intervals [start, end] during which a step meant to disturb it
     disturbed: dict[int, list[list[float]]] = field(default_factory=dict)
     drained: set[int] = field(default_factory=set)
@@ -137,6 +145,8 @@ class World:
         doc["defaults"].update({"startup_timeout_s": STARTUP_TIMEOUT_S, "health_interval_s": 0.3,
                                 "health_failures": 2})
         doc["defaults"]["env"]["FAKE_ENGINE_TOKEN_DELAY_S"] = str(TOKEN_DELAY_S)
+        # room for a stream longer than every socket buffer between engine and client
+        doc["defaults"]["args"] = ["--max-model-len", str(STUCK_TOKENS + 100)]
         for i, gpu in enumerate(doc["gpu"]):
             gpu["engine"][0]["served_model_name"] = model_of(i)
             gpu["engine"][0]["name"] = model_of(i)
@@ -186,11 +196,32 @@ class World:
 
     def start_load(self) -> None:
         for g in range(self.gpus):
-            self.loads[g] = MixedLoad(self.m.url, self.clients_per_gpu, model_of(g)).__enter__()
+            self.resume_load(g)
+
+    def resume_load(self, gpu: int) -> None:
+        load = MixedLoad(self.m.url, self.clients_per_gpu, model_of(gpu)).__enter__()
+        self.loads.setdefault(gpu, []).append(load)
+
+    def pause_load(self, gpu: int) -> None:
+        """The GPU's clients finish what they sent and send nothing more (an idle engine is
+        what the stall detector misjudged)."""
+        for load in self.loads.get(gpu, []):
+            load.__exit__(None, None, None)
 
     def stop_load(self) -> None:
-        for load in self.loads.values():
-            load.__exit__(None, None, None)
+        for gpu in self.loads:
+            self.pause_load(gpu)
+
+    def control(self, ports: list[int], command: str) -> None:
+        """Tell fake engines to change behaviour and wait (up to 5 s) until each has read it;
+        a command no engine read (it died meanwhile) is taken back, not left for the next."""
+        for port in ports:
+            self.m.control(port, command)
+        files = [self.m.control_dir / f"{port}.cmd" for port in ports]
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not any(f.exists() for f in files), 5)
+        for f in files:
+            f.unlink(missing_ok=True)
 
     def sigterm(self) -> None:
         assert self.m.proc is not None
