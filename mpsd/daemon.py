@@ -121,6 +121,7 @@ class Daemon:
     async def _stop(self) -> None:
         """Leave the balancer's rotation, then refuse new requests and stop every group."""
         self.notifier.stopping("stopping")
+        self.supervisor.refuse_starts()  # a stop wins: nothing new starts from now on
         await self._leave_rotation("stopping")
         self.notifier.status("stopping: draining engines")
         self.proxy.refuse_new()
@@ -201,7 +202,8 @@ async def _watch_xids(plan: Plan, supervisor: Supervisor) -> XidWatcher | None:
 
 
 async def run(file: str) -> ExitCode:
-    """``mpsd run``: serve until SIGTERM/SIGINT (exit 0) or until every group FAILED (1)."""
+    """``mpsd run``: serve until SIGTERM/SIGINT (exit 0). A FAILED GPU, even every GPU, does
+    not end it: readiness and status say so, and ``mpsd restart`` or a reload mends it."""
     resolved = await resolve(file)
     config, plan = resolved.config, resolved.plan
     _owner = state_lock.acquire(config.daemon.state_dir)  # held until run() returns
