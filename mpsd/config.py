@@ -84,6 +84,9 @@ class ProxyConfig(_Frozen):
     head_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 75.0
+    # a client that does not read (issue 21): no write progress this long ends its request
+    send_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    client_send_buffer_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
     max_client_connections: Annotated[int, Field(ge=0)] = 0
     reserved_fds: Annotated[int, Field(ge=0)] = 1024
     # failover (issue 10): passive ejection, retry before the first byte, stall detection

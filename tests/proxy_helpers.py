@@ -213,6 +213,8 @@ class Recorder:
         self.connections = 0
         self.refused = 0
         self.retries: list[str] = []
+        self.send_timeouts = 0
+        self.lags: list[float] = []
 
     def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
                      ttfb_s: float | None) -> None:
@@ -232,6 +234,12 @@ class Recorder:
 
     def request_retried(self, reason: str) -> None:
         self.retries.append(reason)
+
+    def send_timed_out(self) -> None:
+        self.send_timeouts += 1
+
+    def loop_lag(self, seconds: float) -> None:
+        self.lags.append(seconds)
 
 
 @contextlib.asynccontextmanager

@@ -112,6 +112,18 @@ class Metrics:
             "mpsd_proxy_retries",
             "Requests sent to another engine after theirs failed before the client saw a byte, "
             "by reason (connect, reset, engine_dead, 502, 503).", ["reason"], registry=r)
+        # the proxy's flow control and its event loop's health (issue 21)
+        self._send_timeouts = Counter(
+            "mpsd_proxy_send_timeouts",
+            "Client connections cut because the client took nothing of its response for "
+            "send_timeout_s (the request aborted at the engine, its slot freed).", registry=r)
+        self._loop_lag = Histogram(
+            "mpsd_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 20 ms: anything holding the loop "
+            "(a slow callback, a thread holding the GIL, a garbage collection) shows here and "
+            "in every request's latency. Below ~1 ms: the loop's timer resolution.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r)
         self._group_state = Gauge("mpsd_group_state",
                                   "1 for the group's current state, 0 for the others.",
                                   ["gpu", "state"], registry=r)
@@ -177,6 +189,12 @@ class Metrics:
 
     def request_retried(self, reason: str) -> None:
         self._retries.labels(reason).inc()
+
+    def send_timed_out(self) -> None:
+        self._send_timeouts.inc()
+
+    def loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(seconds)
 
     def _request_labels(self, model: str | None, engine: str | None,
                         code: int | str) -> _RequestChildren:

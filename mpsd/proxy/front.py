@@ -11,13 +11,20 @@ connection and all, to aiohttp's low-level server, which then owns that connecti
 What a client can hold per connection is bounded: a request head (``max_head_bytes``), one body
 (``max_body_bytes``), :data:`MAX_PIPELINED_BYTES` of requests sent ahead while one is being
 answered (then reading pauses), and the transport's write buffer (while it is over its high-water
-mark no further pipelined request is started and a relayed response stops reading from its engine).
-A request is checked after its head (:meth:`Handler.admit`: keys, limits) before its body is read.
+mark, :data:`WRITE_HIGH_WATER`, no further pipelined request is started and a relayed response
+stops reading from its engine). A client that takes nothing of its response for
+``send_timeout_s`` (nginx's ``send_timeout``) has its request aborted at the engine and its
+connection closed (:meth:`FrontConnection.expire`). A request is checked after its head
+(:meth:`Handler.admit`: keys, limits) before its body is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import termios
 from typing import Protocol
 
 from mpsd.proxy.errors import error_body, reason
@@ -25,6 +32,7 @@ from mpsd.proxy.framing import Phase, Request, RequestParser
 from mpsd.proxy.http_rules import HttpError, Limits
 
 MAX_PIPELINED_BYTES = 1024 * 1024
+WRITE_HIGH_WATER = 64 * 1024  # a client's write buffer over this pauses its engine's reads
 _HEAD, _BODY = Phase  # module-level names: an enum member looked up on its class costs ~65 ns
 LINGER_S = 2.0  # after a refusal, how long the rest of a request is read and dropped
 
@@ -52,6 +60,9 @@ class Handler(Protocol):
     def rejected(self, status: int) -> None:
         """A request was refused by the front door itself (framing, limits, keys, timeouts)."""
 
+    def send_timed_out(self) -> None:
+        """A client took nothing of its response for ``send_timeout_s``: it was cut."""
+
     def request_finished(self, conn: FrontConnection) -> None:
         """A response ended and the connection is idle again (or closing)."""
 
@@ -62,9 +73,10 @@ class Handler(Protocol):
 class FrontConnection(asyncio.Protocol):
     """One client connection: parse, dispatch one request at a time, keep-alive, pipelining."""
 
-    __slots__ = ("_buf", "_handler", "_http11", "_linger", "_loop", "_parser",
-                 "_paused_reading", "_processing", "_write_paused", "busy", "closed", "exchange",
-                 "head_started", "last_active", "lingering_since", "task", "transport")
+    __slots__ = ("_backlog", "_buf", "_handler", "_http11", "_linger", "_loop", "_parser",
+                 "_paused_reading", "_processing", "_stuck_since", "_write_paused", "busy",
+                 "closed", "exchange", "head_started", "last_active", "lingering_since", "task",
+                 "transport")
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         # the loop is passed in, not looked up: on Python 3.11 every get_running_loop() call
@@ -75,6 +87,8 @@ class FrontConnection(asyncio.Protocol):
         self._parser = RequestParser(handler.limits)
         self._paused_reading = False
         self._write_paused = False
+        self._stuck_since = 0.0  # write paused since, and no write progress since
+        self._backlog = 0  # the write buffer's size when it last went down
         self._processing = False
         self._http11 = True
         self._linger = False
@@ -91,6 +105,8 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # the kernel's send buffer is capped on the listening socket (inherited: no call here)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self.last_active = self._loop.time()
         if not self._handler.track(self):  # over the cap: answer at once, read nothing
             self.busy = True
@@ -114,6 +130,8 @@ class FrontConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._stuck_since = self._loop.time()
+        self._backlog = self.unsent()
         if self.exchange is not None:
             self.exchange.pause()
 
@@ -214,14 +232,25 @@ class FrontConnection(asyncio.Protocol):
             self._paused_reading = True
             self.transport.pause_reading()
 
-    def expire(self, now: float, head_s: float, body_s: float, idle_s: float) -> None:
+    def expire(self, now: float, head_s: float, body_s: float, idle_s: float,
+               send_s: float = 0.0) -> None:
         """The housekeeping sweep's timeouts: a head must arrive within ``head_s``, a body may
         not stall for ``body_s``, an idle keep-alive connection lasts ``idle_s`` (408 for the
-        first two, where a response can still be sent)."""
+        first two, where a response can still be sent), and a client must take some of what
+        is written to it within ``send_s`` (else its request is aborted and it is cut)."""
         if self.lingering_since and now - self.lingering_since > LINGER_S:
             if self.transport is not None:
-                self.transport.close()
+                self.transport.abort()  # (close() would wait for a client that never reads)
             return
+        if self._write_paused and send_s and self.transport is not None:
+            backlog = self.unsent()
+            if backlog < self._backlog:  # the client took some: progress
+                self._backlog = backlog
+                self._stuck_since = now
+            elif now - self._stuck_since > send_s:
+                self._handler.send_timed_out()
+                self.abort()
+                return
         if self.busy or self.closed:
             return
         if self._parser.phase == _BODY:
@@ -232,6 +261,21 @@ class FrontConnection(asyncio.Protocol):
                 self.fail(408, f"the request head took more than {head_s:g} s")
         elif now - self.last_active > idle_s:
             self.close()
+
+    def unsent(self) -> int:
+        """Bytes written to this client that it has not taken yet: the transport's buffer and
+        the kernel's send queue (a slow reader's progress shows in the second long before the
+        first goes down)."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        size = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                       b"\0\0\0\0"))[0]
+        return size
 
     # -- response side -----------------------------------------------------------------------
 

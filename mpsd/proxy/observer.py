@@ -34,3 +34,10 @@ class RequestObserver(Protocol):
 
     def request_retried(self, reason: str) -> None:
         """A request went to another engine (``connect``, ``reset``, ``engine_dead``, ``5xx``)."""
+
+    def send_timed_out(self) -> None:
+        """A client took nothing of its response for ``send_timeout_s``: cut, its request
+        aborted at the engine."""
+
+    def loop_lag(self, seconds: float) -> None:
+        """How late a timer of the event loop fired (see :mod:`mpsd.proxy.lag`)."""

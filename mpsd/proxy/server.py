@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 
 import structlog
@@ -32,6 +33,7 @@ from mpsd.proxy.dispatch import Dispatcher
 from mpsd.proxy.errors import reply
 from mpsd.proxy.framing import Request
 from mpsd.proxy.front import FrontConnection
+from mpsd.proxy.lag import LoopLag
 from mpsd.proxy.local import PATHS as LOCAL_PATHS
 from mpsd.proxy.local import LocalEndpoints
 from mpsd.proxy.mounted import MountedRoutes, RouteHandler
@@ -79,6 +81,7 @@ class ProxyServer:
         self._upstreams = UpstreamPool(connect_timeout_s=config.connect_timeout_s,
                                        max_connections=config.max_connections)
         self._housekeeping: asyncio.Task[None] | None = None
+        self._lag: LoopLag | None = None
         self._idle = asyncio.Event()
         self._draining = False
         self._refusing = False
@@ -103,7 +106,10 @@ class ProxyServer:
         self._server = await loop.create_server(
             lambda: FrontConnection(self, loop), self._config.host, self._config.port,
             backlog=4096, reuse_address=True)
+        self._cap_send_buffers()
         self._housekeeping = loop.create_task(self._sweep(), name="proxy-housekeeping")
+        self._lag = LoopLag(loop, self._observer.loop_lag)
+        self._lag.start()
         self._dispatch.debug = _debug_enabled()
         sockets = getattr(self._server, "sockets", None)
         if sockets:
@@ -145,12 +151,22 @@ class ProxyServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._aio is not None:
             await self._aio.shutdown(max(grace, 0.1))
+        if self._lag is not None:
+            self._lag.stop()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
         self._upstreams.close()
         log.info("proxy_stopped")
+
+    def _cap_send_buffers(self) -> None:
+        """``client_send_buffer_bytes`` on the listening sockets: accepted connections inherit
+        it, so a client that does not read pins that much of the kernel, not tcp_wmem's max."""
+        size = self._config.client_send_buffer_bytes
+        for sock in getattr(self._server, "sockets", None) or ():
+            if size:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def refuse_new(self) -> None:
         """Shutdown began: new ``/v1`` requests get 503 + Retry-After (not the 404 an emptied
@@ -188,6 +204,7 @@ class ProxyServer:
         self._upstreams.max_connections = config.max_connections
         configure_pool(self._pool, config)
         self._dispatch.debug = _debug_enabled()
+        self._cap_send_buffers()
 
     def add_route(self, method: str, path: str, handler: RouteHandler, *,
                   prefix: bool = False, auth: bool = False) -> None:
@@ -222,7 +239,7 @@ class ProxyServer:
             config = self._config
             for conn in list(self._conns):
                 conn.expire(now, config.head_timeout_s, config.body_timeout_s,
-                            config.keepalive_timeout_s)
+                            config.keepalive_timeout_s, config.send_timeout_s)
 
     def _backend_gone(self, backend: Backend) -> None:
         """The pool condemned or removed ``backend``: its exchanges end, in the next tick (the
@@ -259,6 +276,9 @@ class ProxyServer:
 
     def rejected(self, status: int) -> None:
         self._observer.request_rejected(status)
+
+    def send_timed_out(self) -> None:
+        self._observer.send_timed_out()
 
     def admit(self, request: Request) -> tuple[int, str, bytes] | None:
         """Keys are checked on the head: a keyless client never gets its body read."""

@@ -15,6 +15,7 @@ classic keep-alive race).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from mpsd.proxy.relay import Exchange
 
 IDLE_S = 2.0
+# the kernel's receive buffer of an engine connection: what an engine's answer can pile up in
+# mpsd's kernel while its client does not read (autotuning would let it grow to tcp_rmem's max)
+RECV_BUFFER_BYTES = 256 * 1024
 
 class UpstreamConnectError(Exception):
     """Connecting failed: the request was never sent, so another engine may take it.
@@ -136,6 +140,9 @@ class UpstreamPool:
             self._open -= 1
             self._wake_one()
             raise
+        sock = conn.transport.get_extra_info("socket") if conn.transport else None
+        if sock is not None:  # once per connection, before its first request
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER_BYTES)
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
