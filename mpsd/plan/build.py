@@ -82,6 +82,28 @@ class GroupPlan:
     log_dir: Path
     engines: tuple[EnginePlan, ...]
 
+    @property
+    def start_together(self) -> tuple[bool, str]:
+        """Whether the engines of this GPU may start at the same time, and why.
+
+        vLLM sizes its KV cache by profiling free GPU memory, which counts a sibling's
+        allocations when two start at once; given ``--kv-cache-memory-bytes`` it does not
+        profile. So a GPU comes back in the time of its slowest engine only when every engine
+        has an explicit KV size; otherwise they start one after another.
+        """
+        if len(self.engines) <= 1:
+            return True, "one engine"
+        for engine in self.engines:
+            if engine.kind != "vllm":
+                return False, (f"{engine.key} is a command engine: how it sizes its memory is "
+                               "unknown")
+            if not any(a == KV_BYTES_FLAG or a.startswith(f"{KV_BYTES_FLAG}=")
+                       for a in engine.argv):
+                return False, (f"{engine.key} has no {KV_BYTES_FLAG}: vLLM would size its KV "
+                               "cache from free memory, which a sibling starting at the same "
+                               "time changes")
+        return True, f"every engine has {KV_BYTES_FLAG} (no memory profiling)"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -92,6 +114,7 @@ class Plan:
     warnings: tuple[str, ...]
 
 
+KV_BYTES_FLAG = "--kv-cache-memory-bytes"
 PORTS_PER_GPU = 64  # more than the MPS clients a GPU takes (48, or 60 on CUDA > 13.0)
 
 

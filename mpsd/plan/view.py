@@ -19,6 +19,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
             {
                 "gpu": g.key, "device": g.device, "uuid": g.uuid, "mps": g.mps,
                 "pipe_dir": str(g.pipe_dir), "log_dir": str(g.log_dir),
+                "start_together": g.start_together[0], "start_order": g.start_together[1],
                 "engines": [_engine_dict(e) for e in g.engines],
             }
             for g in plan.groups
@@ -48,6 +49,8 @@ def plan_text(plan: Plan) -> str:
         lines.append(f"{g.key}  device {g.device}  uuid {g.uuid}  mps {'on' if g.mps else 'off'}")
         if g.mps:
             lines.append(f"  pipe dir {g.pipe_dir}  log dir {g.log_dir}")
+        together, why = g.start_together
+        lines.append(f"  engines start {'together' if together else 'one after another'}: {why}")
         for order, e in enumerate(g.engines, 1):
             share = "-" if e.memory_share is None else f"{e.memory_share:g}"
             cores = cpu_list(e.cpus) if e.cpus else "any"

@@ -156,7 +156,9 @@ def decide(desired: Desired, view: GroupView, now: float) -> Action:
     A stop (and a drain, an operator restart) wins over everything; a GPU that needs an
     operator holds nothing; faults are handled before anything starts; a changed engine is
     replaced before missing ones start; engines start one at a time (concurrent vLLM starts on
-    one GPU size their KV cache from each other's allocations).
+    one GPU size their KV cache from each other's allocations) unless every engine of the GPU
+    has an explicit KV size (:attr:`GroupPlan.start_together`): then all at once, and the GPU
+    comes back in the time of its slowest engine, not the sum.
     """
     plan = desired.plan
     policy = RestartPolicy.of(desired.options.restart)
@@ -194,7 +196,8 @@ def decide(desired: Desired, view: GroupView, now: float) -> Action:
         return Wait(view.backoff_until)
     if plan.mps and not view.mps_up:
         return StopMps() if view.mps_live else StartMps()
-    if any(view.engines[k].phase is Phase.STARTING for k in live):
+    if not plan.start_together[0] and any(view.engines[k].phase is Phase.STARTING
+                                          for k in live):
         return Wait()
     wake: float | None = None
     for engine_plan in plan.engines:

@@ -7,6 +7,7 @@ processes are doing, and serve again wherever the plan can be served.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -158,3 +159,26 @@ def test_sigterm_during_a_restart_or_a_reload_ends_mpsd_and_starts_nothing_after
                 and e.get("signal") == "SIGTERM")
     started = [e for e in log[stop:] if e.get("event") == "engine_starting"]
     assert started == [], started
+
+
+def test_engines_with_an_explicit_kv_size_start_and_recover_together(mpsd: Mpsd) -> None:
+    """Every engine has ``--kv-cache-memory-bytes``: both start at once (the second process is
+    started before the first is ready), at boot and after a one_for_all recovery."""
+    mpsd.engine_env = {"FAKE_ENGINE_START_DELAY_S": "1.0"}
+    mpsd.overrides = {"engine": {"args": ["--kv-cache-memory-bytes", "1073741824"]}}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+
+    def overlapped(after: int) -> bool:
+        log = mpsd.log()
+        starts = [i for i, e in enumerate(log) if e.get("event") == "process_started"
+                  and e.get("engine")][after:after + 2]
+        first_ready = next(i for i, e in enumerate(log) if i > starts[0]
+                           and e.get("event") == "engine_ready")
+        return len(starts) == 2 and starts[1] < first_ready
+
+    assert overlapped(0)
+    os.kill(mpsd.engine_pids()["gpu0/tiny-1"], signal.SIGKILL)
+    mpsd.wait_state("gpu0", "running", after=1)
+    assert overlapped(2)
+    assert mpsd.terminate() == 0

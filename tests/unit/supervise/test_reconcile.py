@@ -292,3 +292,20 @@ def test_a_verdict_and_a_drain_survive_a_reload_of_the_same_gpu() -> None:
     assert again.verdict == "Xid 79" and again.drained
     assert again.restart_generation == d.restart_generation + 1
     assert not d.restarted().verdict and not d.restarted().drained
+
+
+def test_engines_with_an_explicit_kv_size_start_together() -> None:
+    """With ``--kv-cache-memory-bytes`` vLLM does not profile free memory: the GPU starts every
+    engine at once (and comes back in the time of its slowest one); without it, in order."""
+    d = desired()
+    a, b = engines(d)
+    sized = tuple(replace(e, argv=(*e.argv, "--kv-cache-memory-bytes", "1073741824"))
+                  for e in (a, b))
+    together = replace(d, plan=replace(d.plan, engines=sized))
+    assert together.plan.start_together[0] and not d.plan.start_together[0]
+    assert "--kv-cache-memory-bytes" in d.plan.start_together[1]
+    up = GroupView({sized[0].key: EngineView(sized[0].key, Phase.STARTING, sized[0])},
+                   mps_live=True, mps_up=True)
+    assert decide(together, up, NOW) == StartEngine(sized[1])
+    plain = replace(up, engines={a.key: EngineView(a.key, Phase.STARTING, a)})
+    assert decide(d, plain, NOW) == Wait()
