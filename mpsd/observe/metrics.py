@@ -41,7 +41,7 @@ from mpsd.pool import BackendPool
 from mpsd.proxy.errors import rejection_reason
 from mpsd.supervise.faults import Fault
 from mpsd.supervise.group import GpuGroup
-from mpsd.supervise.states import GroupState
+from mpsd.supervise.states import EngineState, GroupState
 from mpsd.supervise.supervisor import Supervisor
 
 _log = logs.get("mpsd.metrics")
@@ -127,6 +127,10 @@ class Metrics:
         self._group_state = Gauge("mpsd_group_state",
                                   "1 for the group's current state, 0 for the others.",
                                   ["gpu", "state"], registry=r)
+        self._engine_state = Gauge(
+            "mpsd_engine_state", "1 for the engine's current state (stopped, starting, ready, "
+            "backoff, failed, stopping), 0 for the others.", ["gpu", "engine", "state"],
+            registry=r)
         self._restarts = Counter(
             "mpsd_group_restarts", "Group restarts (reason: the fault signal, or 'operator').",
             ["gpu", "reason"], registry=r)
@@ -216,6 +220,11 @@ class Metrics:
         states = self._states(group.key, new)
         states[old].set(0)
         states[new].set(1)
+        for plan in group.plan.engines:  # an engine's state changes the group's reason
+            current = group.engine_state(plan)[0]
+            for state in EngineState:
+                self._engine_state.labels(group.key, plan.key, str(state)).set(
+                    float(state is current))
         if new is GroupState.STARTING:
             if old is GroupState.BACKOFF:
                 reason = self._last_signal.get(group.key, "unknown")

@@ -173,6 +173,9 @@ def test_an_engine_failing_at_boot_fails_alone_and_its_gpu_is_degraded(mpsd: Mps
     starts = [e for e in mpsd.events("process_started") if e.get("engine") == "gpu0/tiny-0"]
     assert len(starts) == 4  # max_restarts 3: the first start and three restarts
     assert len(mpsd.events("group_state", gpu="gpu0", to="starting")) == 1  # never the group
+    metrics = http("GET", f"{mpsd.url}/metrics")[2].decode()
+    assert 'mpsd_engine_state{engine="gpu0/tiny-0",gpu="gpu0",state="failed"} 1.0' in metrics
+    assert 'mpsd_group_state{gpu="gpu0",state="degraded"} 1.0' in metrics
     assert mpsd.terminate() == 0
 
 
