@@ -320,9 +320,11 @@ class EngineOutput:
 _PROCESS_PREFIX = re.compile(r"^\([\w.-]+ pid=\d+\) ")
 _LOG_HEADER = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\] ")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Z]\w*(?:Error|Exception|Exit|Fault)): (\S.*)$")
-#: Warnings a vLLM start prints on an ordinary host that an operator can do nothing about.
-_ROUTINE_WARNING = re.compile(r"Triton (?:is )?not (?:available|installed)|ulimit|tcmalloc|"
-                              r"FutureWarning|DeprecationWarning|NUMA binding")
+#: Warnings a vLLM start prints on an ordinary host that an operator can do nothing about, or
+#: that only repeat the operator's own flags (seen on vLLM 0.32 for CPU and 0.26 on an H200).
+_ROUTINE_WARNING = re.compile(
+    r"Triton|ulimit|tcmalloc|LD_PRELOAD|FutureWarning|DeprecationWarning|NUMA binding|"
+    r"Enforce eager set|disabled by user settings|Reset SSM cache type")
 
 
 def console_level(line: str, previous: str) -> str:

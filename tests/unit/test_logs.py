@@ -123,6 +123,12 @@ START_UP = [
      "debug"),
     ("(APIServer pid=7) WARNING 12-08 03:10:14 [api_server.py:90] ulimit -n 1024 is low",
      "debug"),
+    ("(EngineCore pid=8) WARNING 12-08 04:29:17 [cpu.py:1] Model Runner V2 requires Triton; "
+     "using the V1 model runner instead.", "debug"),
+    ("(Worker pid=9) WARNING 12-08 04:29:16 [cpu_worker.py:1] libiomp is not found in "
+     "LD_PRELOAD. For best performance, please follow ...", "debug"),
+    ("(APIServer pid=7) WARNING 12-08 04:28:57 [vllm.py:1] Enforce eager set, disabling "
+     "torch.compile, CUDAGraphs, and JIT kernel warmup.", "debug"),
     ("/v/lib/dispatcher.py:138: FutureWarning: `torch.distributed.reduce_op` is deprecated",
      "debug"),
     ("  warnings.warn(", "debug"),
