@@ -129,6 +129,13 @@ class GpuGroup:
         return state, reason, slot.restarts.count(now, self._policy())
 
     @property
+    def serving(self) -> bool:
+        """RUNNING or DEGRADED and not about to stop: a change of engines must keep it up."""
+        d = self.desired
+        return (self.state in (GroupState.RUNNING, GroupState.DEGRADED)
+                and not (d.stopping or d.drained or d.verdict))
+
+    @property
     def restart_acted_on(self) -> bool:
         """The last operator restart has been acted on: what ran before it is stopped."""
         return self._restart_generation >= self.desired.restart_generation
