@@ -65,15 +65,15 @@ def test_a_reload_whose_engines_never_get_ready_rolls_back(workdir: Path) -> Non
 
 
 def test_restart_racing_a_sighup_that_changes_the_gpu(workdir: Path) -> None:
-    """``mpsd restart gpu0`` plus a SIGHUP changing gpu0: two groups for gpu0, a second MPS
-    daemon, FAILED "already registered", then SIGTERM hung."""
-    explore(workdir, "race_restart_reload:gpu0/0")
+    """``mpsd restart gpu0`` plus a SIGHUP changing the MPS daemons: two groups for gpu0, a
+    second MPS daemon, FAILED "already registered", then SIGTERM hung."""
+    explore(workdir, "race_restart_reload:gpu0/0@1")
 
 
 def test_sigterm_during_a_restart_exits(workdir: Path) -> None:
     """SIGTERM during ``mpsd restart`` started a group after the stop began; mpsd never
     exited."""
-    explore(workdir, "restart:gpu0/0,sigterm@0.3")
+    explore(workdir, "restart:gpu0/0,sigterm@1")
 
 
 def test_sigterm_during_a_reload_exits(workdir: Path) -> None:
@@ -88,8 +88,9 @@ def test_a_reload_during_an_mps_off_engine_restart(workdir: Path) -> None:
 
 
 def test_a_drained_gpu_stays_drained_across_a_reload(workdir: Path) -> None:
-    """A drained GPU came back when a reload changed it."""
-    explore(workdir, "drain:gpu0/0,reload_good:gpu0/0,restart:gpu0/0")
+    """A drained GPU came back when a reload changed it (an ``[mps]`` edit restarts every
+    group; an engine edit rolls its engines)."""
+    explore(workdir, "drain:gpu0/0,reload_mps,reload_good:gpu0/0,restart:gpu0/0")
 
 
 def test_a_long_non_streaming_answer_is_not_a_stall(workdir: Path) -> None:
@@ -99,8 +100,9 @@ def test_a_long_non_streaming_answer_is_not_a_stall(workdir: Path) -> None:
 
 
 def test_a_client_that_stops_reading_harms_no_one_else(workdir: Path) -> None:
-    """A client reading nothing for 5 s took its GPU through restarts to FAILED."""
-    explore(workdir, "stuck_reader:gpu0/0@5")
+    """A client reading nothing paused the upstream; the engine was judged hung and its GPU
+    restarted (then every restarted engine was ejected again, to FAILED)."""
+    explore(workdir, "stuck_reader:gpu0/0@6")
 
 
 def test_a_second_mpsd_run_refuses_and_touches_nothing(workdir: Path) -> None:
