@@ -6,7 +6,7 @@ Never edit mpsd.json by hand: tests/unit/observe/test_grafana_dashboard.py fails
 from what this file builds, and checks every query names only series mpsd exports or the
 recording rules of deploy/prometheus record (load those rules: the per-model and per-GPU
 panels read them). Rows: the node (readiness, the proxy's CPU, refusals, connections, queue,
-time to first byte),
+time to first byte, event loop lag),
 each GPU (state, engines ready, restarts, faults, MPS recovery phases, NVML utilisation and
 memory, the CPU-bound diagnosis) and each model (requests/s by code, tokens/s, TTFT and
 inter-token latency, running and waiting). A Prometheus datasource variable and instance, GPU
@@ -62,12 +62,15 @@ NODE = [
     Graph("Proxy CPU", "mpsd's own process (the proxy and the supervisor): cores used.",
           [(f"rate(process_cpu_seconds_total{{{INSTANCE}}}[$__rate_interval])"
             " * on (instance, job) group_left mpsd_build_info", "{{instance}}")]),
-    Graph("Front door refusals", "Requests the proxy refused itself, by reason, and client "
-          "connections refused over max_client_connections.",
+    Graph("Front door refusals", "Requests the proxy refused itself, by reason; client "
+          "connections refused over max_client_connections; clients cut for not reading their "
+          "answers for send_timeout_s.",
           [(f"sum by (instance, reason) (rate(mpsd_proxy_rejected_requests_total{{{INSTANCE}}}"
             "[$__rate_interval]))", "{{instance}} {{reason}}"),
            (f"sum by (instance) (rate(mpsd_proxy_refused_connections_total{{{INSTANCE}}}"
-            "[$__rate_interval]))", "{{instance}} connections refused")], "reqps"),
+            "[$__rate_interval]))", "{{instance}} connections refused"),
+           (f"sum by (instance) (rate(mpsd_proxy_send_timeouts_total{{{INSTANCE}}}"
+            "[$__rate_interval]))", "{{instance}} clients cut, not reading")], "reqps"),
     Graph("Connections, queue, retries", "Client connections open, requests waiting for a free "
           "engine, and retries on another engine per second.",
           [(f"mpsd_proxy_client_connections{{{INSTANCE}}}", "{{instance}} connections"),
@@ -81,6 +84,11 @@ NODE = [
           [(f"histogram_quantile(0.99, sum by (instance, model, le) (rate("
             f"mpsd_time_to_first_byte_seconds_bucket{{{INSTANCE}}}[5m])))",
             "{{instance}} {{model}}")], "s"),
+    Graph("Event loop lag", "How late mpsd's event loop runs a 20 ms timer: every proxied "
+          "request waits as long.",
+          [(f"histogram_quantile({q}, sum by (instance, le) (rate("
+            f"mpsd_event_loop_lag_seconds_bucket{{{INSTANCE}}}[$__rate_interval])))",
+            f"{{{{instance}}}} p{q[2:]}") for q in ("0.50", "0.99")], "s"),
 ]
 
 PER_GPU = [
