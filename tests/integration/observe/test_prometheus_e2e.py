@@ -161,7 +161,8 @@ def dashboard_queries() -> tuple[list[str], list[tuple[str, str]]]:
 def test_a_crash_loop_fires_in_prometheus_reaches_alertmanager_and_resolves(
         mpsd: Mpsd, servers: tuple[Server, Server]) -> None:
     alertmanager, prometheus = servers
-    mpsd.gpus, mpsd.replicas = 2, 1
+    mpsd.gpus, mpsd.replicas, mpsd.mps = 2, 1, "off"
+    mpsd.overrides = {"restart": {"max_restarts": 1}}  # the second crash in a row: FAILED
     mpsd.start()
     mpsd.wait_state("gpu0", "running")
     mpsd.wait_state("gpu1", "running")
@@ -186,7 +187,8 @@ def test_a_crash_loop_fires_in_prometheus_reaches_alertmanager_and_resolves(
                           str(mpsd.config_file)], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 0, out.stderr
-    mpsd.wait_state("gpu0", "running", after=4)
+    wait_until(lambda: mpsd.status()["groups"][0]["state"] == "running", 30,
+               lambda: f"gpu0 running again\n{mpsd.tail()}")
     wait_until(lambda: not firing(prometheus, "MpsdGpuFailed"), 30,
                lambda: f"MpsdGpuFailed resolved in Prometheus\n{prometheus.tail()}")
     wait_until(lambda: not in_alertmanager(alertmanager, "MpsdGpuFailed"), 30,
