@@ -84,7 +84,7 @@ def test_sigterm_during_a_reload_exits(workdir: Path) -> None:
 def test_a_reload_during_an_mps_off_engine_restart(workdir: Path) -> None:
     """A reload during an MPS-off engine restart recovered the whole group and left the
     rolled-in engine alive, healthy and never routed ("1/2 engines ready" for good)."""
-    explore(workdir, "kill_reload:gpu0/0", mps="off")
+    explore(workdir, "kill_reload:gpu0/0@0.3", mps="off")
 
 
 def test_a_drained_gpu_stays_drained_across_a_reload(workdir: Path) -> None:
