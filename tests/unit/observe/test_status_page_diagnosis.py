@@ -1,6 +1,6 @@
 """The status page shows a GPU's CPU-bound diagnosis with its advice, says the share for a GPU
-that is not CPU-bound, and shows nothing for a daemon that sends none — in a real headless
-Chromium (the page and its helpers: test_status_page.py)."""
+that is not CPU-bound, and shows nothing for a daemon that sends none (a missing value is a
+dash) — in a real headless Chromium (the page and its helpers: test_status_page.py)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,4 @@ def test_the_page_shows_the_diagnosis_and_its_advice(tmp_path: Path) -> None:
     assert 'class="diagnosis"' in cards["gpu2"] and "CPU 0 % of the last 5 min" in cards["gpu2"]
     assert "`mpsd tune`" not in cards["gpu2"]
     assert "diagnosis" not in cards["gpu1"]  # an older daemon's group: nothing shown
+    assert "restarts in window: <b>\u2013</b>" in cards["gpu1"]  # what it lacks is a dash
