@@ -327,21 +327,34 @@ _ROUTINE_WARNING = re.compile(
     r"Enforce eager set|disabled by user settings|Reset SSM cache type")
 
 
+def _message(line: str) -> str:
+    """A line of engine output without vLLM's ``(Proc pid=N)`` prefix and log header."""
+    return _LOG_HEADER.sub("", _PROCESS_PREFIX.sub("", line, count=1), count=1)
+
+
 def console_level(line: str, previous: str) -> str:
     """The level an engine's output line is logged at: its own errors and the warnings that
     need a person stay; its routine — every line it states as info (vLLM's route table, its
     configuration, uvicorn's start-up) and the known environment warnings above — goes to
-    debug, because mpsd's own phase events already say what the engine is doing. A traceback
-    or an exception line that states no level is an error (vLLM prints them unlabelled)."""
+    debug, because mpsd's own phase events already say what the engine is doing.
+
+    A traceback shows as its exception line (``ValueError: …``, at error, with the indented
+    detail lines after it); its header and frames go to debug, and to the engine's file in
+    full. vLLM prints some tracebacks unlabelled and labels every line of others ERROR: both
+    read the same."""
+    message = _message(line)
+    if message.startswith("Traceback (most recent call last)"):
+        return "debug"
+    if not message[:1].isspace() and _EXCEPTION.match(message.rstrip()):
+        return "error"
     stated = engine_line_level(line, "")
-    if not stated:
-        text = _PROCESS_PREFIX.sub("", line, count=1)
-        if text.startswith("Traceback (most recent call last)") or _EXCEPTION.match(text):
-            return "error"
-        return previous
+    if not stated or (message[:1].isspace() and stated in ("error", "critical")):
+        return previous  # a frame follows its header, a detail its exception
     if stated == "info" or (stated == "warning" and _ROUTINE_WARNING.search(line)):
         return "debug"
     return stated
+
+
 _POINTS_ELSEWHERE = re.compile(r"root cause", re.IGNORECASE)
 _ERROR_LIMIT = 400
 
@@ -358,15 +371,23 @@ class LastError:
     def __init__(self) -> None:
         self._exception: str | None = None
         self._error: str | None = None
+        self._detail_wanted = False  # an exception line was the last line seen
 
     def feed(self, line: str) -> None:
-        text = _LOG_HEADER.sub("", _PROCESS_PREFIX.sub("", line, count=1), count=1).strip()
-        if match := _EXCEPTION.match(text):
+        message = _message(line)
+        text = message.strip()
+        wanted, self._detail_wanted = self._detail_wanted, False
+        if wanted and message[:1].isspace() and text and self._exception is not None and (
+                not text.startswith("For further information")):
+            # pydantic and others say what was wrong on the line after the exception's
+            self._exception = f"{self._exception}: {text}"[:_ERROR_LIMIT]
+        elif match := _EXCEPTION.match(text):
             said = f"{match.group(1)}: {match.group(2)}"[:_ERROR_LIMIT]
             if self._exception is None or not _POINTS_ELSEWHERE.search(said):
                 self._exception = said
-        elif engine_line_level(line) in ("error", "critical") and not text.startswith(
-                ("Traceback", "File ")):
+                self._detail_wanted = True
+        elif engine_line_level(line) in ("error", "critical") and not message[:1].isspace() and (
+                not text.startswith("Traceback")):
             self._error = text[:_ERROR_LIMIT]
 
     @property

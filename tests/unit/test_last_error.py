@@ -40,6 +40,16 @@ ENGINE_CORE = [
                     "needed."),
     (ENGINE_CORE, "ValueError: No available memory for the cache blocks. Try increasing "
                   "`gpu_memory_utilization`."),
+    ([  # vLLM 0.32 for CPU, --max-model-len 100000 on a 2048-token model (abridged)
+        "Traceback (most recent call last):",
+        '  File "vllm/engine/arg_utils.py", line 1955, in create_model_config',
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, User-specified max_model_len (100000) is greater than the derived "
+        "max_model_len (max_position_embeddings=2048.0)",
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error"],
+     "ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
+     "max_model_len (100000) is greater than the derived max_model_len "
+     "(max_position_embeddings=2048.0)"),
     (["INFO:     Started server process [1]", "ERROR:    [Errno 98] address already in use"],
      "ERROR:    [Errno 98] address already in use"),
     (["(APIServer pid=7) WARNING 12-08 03:10:11 [x.py:1] ulimit is low",

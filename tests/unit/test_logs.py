@@ -104,7 +104,8 @@ def test_engine_output_demotes_the_stop_traceback_only_during_a_stop() -> None:
     block = [src + "AsyncLLM output_handler failed.", src + "Traceback (most recent call last):",
              src + "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
     after = "(APIServer pid=7) INFO 12-04 16:17:53 [launcher.py:279] engine client stopped"
-    assert [levels(line, "info") for line in [*block, after]] == ["error"] * 3 + ["debug"]
+    assert [levels(line, "info") for line in [*block, after]] == [
+        "error", "debug", "error", "debug"]  # a traceback shows as its exception line
     stopping = True
     assert [levels(line, "info") for line in [*block, after]] == ["debug"] * 4
     assert levels(src + "something else failed", "info") == "error"
@@ -137,9 +138,19 @@ START_UP = [
     ("INFO:     Application startup complete.", "debug"),
     ("(APIServer pid=7) WARNING 12-08 03:10:20 [config.py:1] max_num_seqs 256 exceeds the "
      "KV cache", "warning"),  # one a person can act on
-    ("(APIServer pid=7) Traceback (most recent call last):", "error"),  # unlabelled: an error
-    ('(APIServer pid=7)   File "vllm/entrypoints/cli/serve.py", line 1, in cmd', "error"),
+    # a traceback shows as its exception line (and the details after it); header and frames
+    # are in the engine's file; unlabelled or labelled ERROR line by line, alike
+    ("(APIServer pid=7) Traceback (most recent call last):", "debug"),
+    ('(APIServer pid=7)   File "vllm/entrypoints/cli/serve.py", line 1, in cmd', "debug"),
     ("(APIServer pid=7) ValueError: max_model_len 4096 exceeds the model's 2048", "error"),
+    ("(EngineCore pid=8) ERROR 12-08 04:34:11 [core.py:1] Traceback (most recent call last):",
+     "debug"),
+    ('(EngineCore pid=8) ERROR 12-08 04:34:11 [core.py:1]   File "core.py", line 3, in run',
+     "debug"),
+    ("(EngineCore pid=8) ERROR 12-08 04:34:11 [core.py:1] pydantic_core._pydantic_core."
+     "ValidationError: 1 validation error for ModelConfig", "error"),
+    ("(EngineCore pid=8) ERROR 12-08 04:34:11 [core.py:1]   Value error, User-specified "
+     "max_model_len (100000) is greater than the derived max_model_len", "error"),
 ]
 
 

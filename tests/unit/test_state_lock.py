@@ -34,5 +34,5 @@ def test_a_stale_pid_in_the_file_does_not_hold_the_directory(tmp_path: Path) -> 
 
 def test_a_state_dir_that_cannot_be_created_says_so(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(MpsdError, match="cannot create the lock file .*daemon.state_dir"):
+    with pytest.raises(MpsdError, match=r"cannot create the lock file .*daemon\.state_dir"):
         state_lock.acquire(tmp_path / "file" / "state")
