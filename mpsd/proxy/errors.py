@@ -37,7 +37,7 @@ _TYPES = {
 
 # the ``reason`` label of mpsd_proxy_rejected_requests_total, per status the front door answers
 _REJECTED = {
-    400: "malformed", 401: "unauthorized", 408: "timeout", 413: "body_too_large",
+    400: "malformed", 401: "unauthorized", 405: "method", 408: "timeout", 413: "body_too_large",
     417: "expectation", 431: "head_too_large", 501: "not_implemented", 503: "overloaded",
     505: "http_version",
 }

@@ -15,7 +15,15 @@ mark, :data:`WRITE_HIGH_WATER`, no further pipelined request is started and a re
 stops reading from its engine). A client that takes nothing of its response for
 ``send_timeout_s`` (nginx's ``send_timeout``) has its request aborted at the engine and its
 connection closed (:meth:`FrontConnection.expire`). A request is checked after its head
-(:meth:`Handler.admit`: keys, limits) before its body is read.
+(:meth:`Handler.admit`: keys, limits) before its body is read, and a client that asked for
+``100 Continue`` gets the final status instead when the head already decides it
+(:meth:`Handler.decide`: RFC 9110 §10.1.1). A refused request is answered at once, with a FIN,
+and the connection is cut :data:`LINGER_S` later (time for the client to read the answer: a
+reset right away can destroy it on its way). Past a framing limit or broken framing (head,
+header line, chunk line, trailers, body: 400, 413, 431, ...) nothing more is read in that time,
+since such a client may send for ever; a well-framed request refused for other reasons (a key,
+shutting down) has what its client still sends read and dropped, so that a client that sends
+its whole body before reading gets the answer rather than a reset.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from mpsd.proxy.http_rules import HttpError, Limits
 MAX_PIPELINED_BYTES = 1024 * 1024
 WRITE_HIGH_WATER = 64 * 1024  # a client's write buffer over this pauses its engine's reads
 _HEAD, _BODY = Phase  # module-level names: an enum member looked up on its class costs ~65 ns
-LINGER_S = 2.0  # after a refusal, how long the rest of a request is read and dropped
+LINGER_S = 2.0  # after a refusal, how long the connection is kept before it is cut
+_DROP, _UNREAD = 1, 2  # a refused connection's linger: what it still reads
 
 
 class Handler(Protocol):
@@ -47,6 +56,10 @@ class Handler(Protocol):
 
     def admit(self, request: Request) -> tuple[int, str, bytes] | None:
         """After the head: ``(status, message, extra header lines)`` to refuse it unread."""
+
+    def decide(self, request: Request) -> tuple[int, str, bytes] | None:
+        """Before ``100 Continue``: a final answer the head already decides (shutting down, no
+        engine, a method a local path does not allow), or None to let the body come."""
 
     def handle(self, conn: FrontConnection, request: Request) -> None:
         """Serve a complete request; must end with ``conn.response_done(...)``."""
@@ -91,7 +104,7 @@ class FrontConnection(asyncio.Protocol):
         self._backlog = 0  # the write buffer's size when it last went down
         self._processing = False
         self._http11 = True
-        self._linger = False
+        self._linger = 0  # after a refusal: _DROP (read and drop) or _UNREAD (read nothing)
         self.lingering_since = 0.0
         self.transport: asyncio.Transport | None = None
         self.busy = False
@@ -187,7 +200,8 @@ class FrontConnection(asyncio.Protocol):
                 self._handler.handle(self, request)
         finally:
             self._processing = False
-        if self._paused_reading and not self.busy and len(self._buf) <= MAX_PIPELINED_BYTES:
+        if (self._paused_reading and not self.busy and not self.closed
+                and len(self._buf) <= MAX_PIPELINED_BYTES):
             self._paused_reading = False
             if self.transport is not None:
                 self.transport.resume_reading()
@@ -209,7 +223,7 @@ class FrontConnection(asyncio.Protocol):
             if parser.body(self._buf):
                 return request
         except HttpError as exc:
-            self.fail(exc.status, exc.message)
+            self.fail(exc.status, exc.message, read_more=False)
         return None
 
     def _admitted(self, request: Request) -> bool:
@@ -219,12 +233,19 @@ class FrontConnection(asyncio.Protocol):
             self.handoff()
             return False
         refusal = handler.admit(request)
+        if refusal is None and (request.content_length or 0) > self._parser.limits.max_body_bytes:
+            self.fail(413, f"the request body exceeds {self._parser.limits.max_body_bytes} "
+                           "bytes", http11=request.http11, read_more=False)
+            return False
+        # (an HTTP/1.0 client's expectation is ignored: RFC 9110 §10.1.1)
+        if refusal is None and request.expect_continue and request.has_body and request.http11:
+            refusal = handler.decide(request)
+            if refusal is None:
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if refusal is not None:
             status, message, extra = refusal
             self.fail(status, message, extra=extra, http11=request.http11)
             return False
-        if request.expect_continue and request.has_body:
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     def _pause_reading(self) -> None:
@@ -305,12 +326,13 @@ class FrontConnection(asyncio.Protocol):
             self.response_done(keep_alive)
 
     def fail(self, status: int, message: str, *, extra: bytes = b"",
-             http11: bool = True) -> None:
+             http11: bool = True, read_more: bool = True) -> None:
         """Refuse a request before its body was read (or when its framing broke): answer, count
-        it, and close the connection, since what follows on it cannot be framed."""
+        it, and close the connection, since what follows on it cannot be framed. ``read_more``
+        False (past a limit, broken framing): nothing more is read from it."""
         self.busy = True
         self._http11 = http11
-        self._linger = True
+        self._linger = _DROP if read_more else _UNREAD
         self._handler.rejected(status)
         self.respond(status, error_body(status, message), keep_alive=False, extra=extra)
 
@@ -322,11 +344,16 @@ class FrontConnection(asyncio.Protocol):
         if not keep_alive or self.closed:
             if self.transport is not None:
                 if self._linger and not self.closed and self.transport.can_write_eof():
-                    # a lingering close: a client still sending its body would otherwise get
-                    # a reset instead of the answer; what it sends now is read and dropped
+                    # refused: the answer and a FIN go out now; closing at once would reset a
+                    # client still sending, and a reset can destroy the answer on its way, so
+                    # the connection is cut LINGER_S later (expire). Past a limit nothing more
+                    # is read meanwhile; else what comes is read and dropped (see module doc).
                     self.transport.write_eof()
                     self.lingering_since = self._loop.time()
-                    if self._paused_reading:
+                    if self._linger == _UNREAD:
+                        self._pause_reading()
+                    elif self._paused_reading:
+                        self._paused_reading = False
                         self.transport.resume_reading()
                 else:
                     self.transport.close()

@@ -22,6 +22,13 @@ from mpsd.status import DaemonStatus, ProxyStatus
 PATHS = frozenset({b"/health", b"/livez", b"/ping", b"/mpsd/status"})
 
 
+def method_allowed(request: Request) -> bool:
+    """Whether one of :data:`PATHS` answers ``request``'s method (else 405)."""
+    if request.path == b"/ping":
+        return request.method in (b"GET", b"HEAD", b"POST")
+    return request.method in (b"GET", b"HEAD")
+
+
 class LocalEndpoints:
     """Answers :data:`PATHS` and ``/v1/models`` on the client's connection, synchronously."""
 
@@ -35,8 +42,7 @@ class LocalEndpoints:
 
     def answer(self, conn: FrontConnection, request: Request) -> None:
         """One of :data:`PATHS`."""
-        allowed = (b"GET", b"HEAD", b"POST") if request.path == b"/ping" else (b"GET", b"HEAD")
-        if request.method not in allowed:
+        if not method_allowed(request):
             reply(conn, request, 405, "Method Not Allowed", extra=b"allow: GET, HEAD\r\n")
             return
         if request.path == b"/mpsd/status":

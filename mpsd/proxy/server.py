@@ -35,7 +35,7 @@ from mpsd.proxy.framing import Request
 from mpsd.proxy.front import FrontConnection
 from mpsd.proxy.lag import LoopLag
 from mpsd.proxy.local import PATHS as LOCAL_PATHS
-from mpsd.proxy.local import LocalEndpoints
+from mpsd.proxy.local import LocalEndpoints, method_allowed
 from mpsd.proxy.mounted import MountedRoutes, RouteHandler
 from mpsd.proxy.observer import RequestObserver
 from mpsd.proxy.relay import Exchange
@@ -285,6 +285,23 @@ class ProxyServer:
         if (self._keys is not None and request.path not in LOCAL_PATHS
                 and not self._authorized(request.authorization)):
             return 401, "Incorrect API key provided.", b'www-authenticate: Bearer realm="mpsd"\r\n'
+        return None
+
+    def decide(self, request: Request) -> tuple[int, str, bytes] | None:
+        """What the head already decides, for a client waiting for ``100 Continue``: a local
+        path's method, a node shutting down or without any engine. (The model is in the body:
+        the head cannot tell an unknown one.)"""
+        path = request.path
+        if path in LOCAL_PATHS:
+            return None if method_allowed(request) else (405, "Method Not Allowed",
+                                                         b"allow: GET, HEAD\r\n")
+        if path.startswith(b"/v1/models") and request.method in (b"GET", b"HEAD"):
+            return None
+        if self._refusing:
+            return 503, "mpsd is shutting down; retry on another host.", b"retry-after: 5\r\n"
+        if not self._pool.model_count():
+            return (503, "No engine is ready on this node; retry on another host.",
+                    b"retry-after: 5\r\n")
         return None
 
     def request_finished(self, conn: FrontConnection) -> None:

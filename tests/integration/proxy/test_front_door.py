@@ -21,7 +21,7 @@ import pytest
 
 from mpsd.backend import Backend
 from mpsd.pool import BackendPool
-from mpsd.proxy.front import MAX_PIPELINED_BYTES
+from mpsd.proxy.front import MAX_PIPELINED_BYTES, FrontConnection
 from mpsd.proxy.server import ProxyServer
 from tests.harness import until
 from tests.proxy_helpers import Recorder, ScriptedEngine, make_pool, running_proxy
@@ -114,6 +114,52 @@ class TestRefusals:
             assert await closed(reader)
             writer.close()
         assert recorder.rejected == [status] and not engine.requests
+
+    async def test_expect_100_over_the_body_limit_gets_413_at_once(
+            self, engine: ScriptedEngine) -> None:
+        """Issue 21: mpsd answered 100 Continue, let the client send, then 413. The head
+        already decides: 413 at once, no 100 (RFC 9110 §10.1.1), and the body is never sent."""
+        async with running_proxy(make_pool({"gpu0/a": engine.url}), max_body_bytes=1000) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"content-length: 5000\r\n\r\n")
+            status, head, _ = await read_response(reader)
+            assert status == 413 and b"connection: close" in head
+            assert await closed(reader)
+            writer.close()
+        assert not engine.requests
+
+    async def test_a_24_mib_trailer_line_is_answered_and_not_read(
+            self, engine: ScriptedEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Issue 21: mpsd read a 24 MiB trailer line whole before its 431. Now the 431 comes
+        at the read that crosses max_trailer_bytes, and not one byte is read after it."""
+        reads: list[tuple[bool, int]] = []  # (answered already, bytes) per read
+        original = FrontConnection.data_received
+
+        def counting(self: FrontConnection, data: bytes) -> None:
+            reads.append((self.closed, len(data)))
+            original(self, data)
+
+        monkeypatch.setattr(FrontConnection, "data_received", counting)
+        async with running_proxy(make_pool({"gpu0/a": engine.url})) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-T: ")
+            sender = asyncio.ensure_future(self._send_forever(writer))
+            status, head, _ = await read_response(reader)
+            assert status == 431 and b"connection: close" in head
+            assert await closed(reader)  # cut after LINGER_S, unread
+            sender.cancel()
+            writer.close()
+        assert reads and sum(n for answered, n in reads if answered) == 0, reads
+        assert sum(n for _, n in reads) < 2 * 1024 * 1024  # what crossed the limit, at most
+
+    @staticmethod
+    async def _send_forever(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(24):  # 24 MiB, as fast as the proxy's kernel takes it
+                writer.write(b"a" * (1 << 20))
+                await writer.drain()
 
     async def test_a_refused_upload_gets_its_answer_not_a_reset(
             self, engine: ScriptedEngine, tmp_path: Path) -> None:

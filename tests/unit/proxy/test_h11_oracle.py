@@ -9,6 +9,7 @@ stricter than h11 (it refuses CL+TE, requires Host, reads no bare-LF heads): tho
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h11
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from mpsd.proxy.framing import RequestParser
 from mpsd.proxy.http_rules import HttpError, Limits
+from tests.unit.proxy.fake_front import FakeHandler, connect, feed
 
 HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
        b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
@@ -138,3 +140,65 @@ def test_mpsd_never_accepts_what_h11_rejects_and_agrees_where_both_accept(raw: b
                (line.partition(b":") for line in our_result.forward)]
         assert got == expected
         assert our_result.body == body
+
+
+# -- Expect: 100-continue (issue 21): the final status instead of 100 when the head decides --
+
+LIMIT = 64
+
+
+@st.composite
+def expecting(draw: Any) -> bytes:
+    """A head that asks for ``100 Continue``, its body length around :data:`LIMIT`, sometimes
+    with other hostile parts (chunked with a length, bad names, HTTP/1.0)."""
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    headers = [b"Host: mpsd", b"Expect: " + draw(st.sampled_from([b"100-continue",
+                                                                 b"100-Continue", b"x"]))]
+    headers += [name + b": " + value for name, value in draw(st.lists(st.tuples(names, values),
+                                                                       max_size=2))]
+    framing = draw(st.sampled_from(["length", "length", "chunked", "both"]))
+    if framing in ("length", "both"):
+        headers.append(b"Content-Length: %d" % draw(st.integers(1, 2 * LIMIT)))
+    if framing in ("chunked", "both"):
+        headers.append(b"Transfer-Encoding: chunked")
+    return b"POST /v1/completions " + version + b"\r\n" + b"\r\n".join(headers) + b"\r\n\r\n"
+
+
+def h11_waits_for_100(head: bytes) -> bool | None:
+    """h11 as the server: None if it refuses the head, else whether the client now waits for
+    ``100 Continue``."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request):
+        return None
+    return bool(conn.they_are_waiting_for_100_continue)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(expecting())
+def test_100_continue_only_when_the_body_is_wanted(head: bytes) -> None:
+    """mpsd sends ``100 Continue`` only for a head h11 accepts and that makes the client wait
+    for it, with a body mpsd will take; it waits silently for the body of a client that does
+    not wait (HTTP/1.0); otherwise its first and only answer is final, and the connection reads
+    nothing more after it."""
+    handler = FakeHandler(Limits(max_body_bytes=LIMIT))
+    conn, transport, _ = connect(handler)
+    feed(conn, transport, head)
+    out = bytes(transport.out)
+    waits = h11_waits_for_100(head)
+    length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+    too_long = length is not None and int(length.group(1)) > LIMIT
+    if not out:  # reading the body: a head both accept, for a client that does not wait
+        assert waits is False and not too_long, head  # (HTTP/1.0: the expectation ignored)
+    elif out.startswith(b"HTTP/1.1 100 "):
+        assert waits and not too_long, (head, out)
+        assert out == b"HTTP/1.1 100 Continue\r\n\r\n"
+    else:
+        assert out.startswith(b"HTTP/1.1 4") or out.startswith(b"HTTP/1.1 5"), (head, out)
+        assert b" 100 " not in out and transport.paused  # final, and nothing more is read
+        if waits and too_long and mpsd_read(head)[0] != "error":  # a head mpsd takes
+            assert out.startswith(b"HTTP/1.1 413 "), (head, out)
