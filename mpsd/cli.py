@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from mpsd import __version__, logs
+from mpsd import __version__, logs, state_lock
 from mpsd.bench import command as bench_command
 from mpsd.bench import tune
 from mpsd.config import config_path
@@ -169,7 +169,7 @@ def _check_config(file: str, as_json: bool, file_only: bool) -> int:
     needs no log line of its own)."""
     logs.setup("console", "warning")
     resolved = anyio.run(facts.resolve, file)
-    problems = [] if file_only else _preflight(resolved)
+    problems, checked = ([], "the file and its plan") if file_only else _preflight(resolved)
     later = start_up_only(resolved.plan)
     if as_json:
         print(json.dumps({**plan_dict(resolved.plan), "problems": problems,
@@ -177,8 +177,6 @@ def _check_config(file: str, as_json: bool, file_only: bool) -> int:
                           "start_up_only": later}, indent=2))
     else:
         print(plan_text(resolved.plan))
-        checked = ("the file and its plan" if file_only else
-                   "the file, its plan, executables, models, ports and directories")
         print(f"\nchecked: {checked}\nonly start-up can tell:"
               + "".join(f"\n  - {line}" for line in later))
     if problems:
@@ -187,16 +185,24 @@ def _check_config(file: str, as_json: bool, file_only: bool) -> int:
     return ExitCode.OK
 
 
-def _preflight(resolved: facts.Resolved) -> list[str]:
+def _preflight(resolved: facts.Resolved) -> tuple[list[str], str]:
     """The preflight of :func:`mpsd.supervise.preflight.preflight` as ``mpsd run`` would run
-    it now: while a daemon owns the state directory, its engines' ports and its proxy's
-    address are its own, not taken."""
-    config = resolved.config
-    held = control_client.running_engine_ports(config.daemon.state_dir)
-    return preflight(resolved.plan, control_binary=config.mps.control_binary,
-                     state_dir=config.daemon.state_dir, held_ports=held or (),
-                     listen=None if held is not None else (config.proxy.host,
-                                                           config.proxy.port))
+    it now, and what it checked: while a daemon owns the state directory, its engines' ports
+    and its proxy's address are its own, not taken; one that owns it but cannot be asked
+    (its control socket is not ours to open) leaves the ports unchecked, and says so."""
+    config, plan = resolved.config, resolved.plan
+    state_dir = config.daemon.state_dir
+    checked = "the file, its plan, executables, models, ports and directories"
+    held = control_client.running_engine_ports(state_dir)
+    if held is None and state_lock.held(state_dir):
+        held = [e.port for g in plan.groups for e in g.engines]
+        checked = ("the file, its plan, executables, models and directories; not the ports: "
+                   "the mpsd that owns daemon.state_dir did not answer on its control socket")
+    problems = preflight(plan, control_binary=config.mps.control_binary, state_dir=state_dir,
+                         held_ports=held or (),
+                         listen=None if held is not None else (config.proxy.host,
+                                                               config.proxy.port))
+    return problems, checked
 
 
 if __name__ == "__main__":

@@ -65,6 +65,22 @@ def acquire(state_dir: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def held(state_dir: Path) -> bool:
+    """Whether a live process owns ``state_dir`` now (read-only: for ``check-config``, which
+    may run as a user who cannot write there, and must never take the lock itself)."""
+    try:
+        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EACCES)
+    finally:
+        os.close(fd)  # also drops the shared lock, if it was taken
+    return False
+
+
 def busy_message(state_dir: Path, path: Path) -> str:
     """Who holds the lock and how to stop it, in one paragraph."""
     pid = _holder_pid(path)

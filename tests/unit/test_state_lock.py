@@ -36,3 +36,12 @@ def test_a_state_dir_that_cannot_be_created_says_so(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(MpsdError, match=r"cannot create the lock file .*daemon\.state_dir"):
         state_lock.acquire(tmp_path / "file" / "state")
+
+
+def test_held_tells_an_owned_directory_without_taking_it(tmp_path: Path) -> None:
+    assert not state_lock.held(tmp_path)  # no lock file
+    owner = state_lock.acquire(tmp_path)
+    assert state_lock.held(tmp_path)
+    assert state_lock.held(tmp_path)  # asking twice takes nothing
+    owner.release()
+    assert not state_lock.held(tmp_path)  # the file is left; the lock is what counts

@@ -4,12 +4,14 @@ config that cannot start here, before anything starts, and say what only start-u
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mpsd import state_lock
 from tests.harness import Mpsd
 
 
@@ -72,3 +74,24 @@ def test_check_config_next_to_the_running_daemon_counts_its_ports_as_its_own(
     assert f"model '{mpsd.workdir}/gone' does not exist" in check.stderr
     assert f"model '{mpsd.workdir}/gone' does not exist" in reload.stderr
     assert mpsd.terminate() == 0
+
+
+def test_check_config_next_to_a_daemon_it_cannot_ask_leaves_the_ports_unchecked(
+        mpsd: Mpsd) -> None:
+    """Someone holds the state directory (a daemon whose control socket this user may not
+    open; here, this test) and an engine's port is taken: check-config does not call the
+    port another program's, and says that it did not check ports."""
+    path = mpsd.write_config()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", mpsd.engine_port_base))
+        taken.listen()
+        owner = state_lock.acquire(mpsd.workdir / "run")
+        try:
+            out = mpsd_cli("check-config", "-c", str(path))
+        finally:
+            owner.release()
+        alone = mpsd_cli("check-config", "-c", str(path))  # nobody owns it: the port counts
+    assert out.returncode == 0, out.stderr
+    assert "not the ports: the mpsd that owns daemon.state_dir did not answer" in out.stdout
+    assert alone.returncode == 78
+    assert f"port {mpsd.engine_port_base} on 127.0.0.1 is in use" in alone.stderr
