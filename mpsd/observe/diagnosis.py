@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -146,13 +146,17 @@ class Diagnosis:
         self._engines: dict[str, dict[str, float]] = {}
         self._utilization: dict[str, float] = {}
 
-    async def observe(self, groups: Iterable[GroupLike], gpus: Mapping[str, GpuSample]) -> None:
-        """One poll round: the engines' CPU demand against each GPU's NVML utilisation.
-        A GPU without an NVML sample or without a running engine adds no sample. The groups
-        are read and the samples kept on the event loop (scrapes read them there); /proc is
-        read on a worker thread."""
+    async def observe(self, groups: Iterable[GroupLike], gpus: Mapping[str, GpuSample],
+                      serving: Collection[str]) -> None:
+        """One poll round: the CPU demand of the engines that are ``serving`` (routable)
+        against each GPU's NVML utilisation. An engine starting up is left out: loading a model
+        keeps a core busy while the GPU idles, which says nothing about serving. A GPU without
+        an NVML sample or without a serving engine adds no sample. The groups are read and the
+        samples kept on the event loop (scrapes read them there); /proc is read on a worker
+        thread."""
         leaders = {(group.plan.key, key): engine.pid for group in groups
-                   for key, engine in group.engines.items() if engine.pid is not None}
+                   for key, engine in group.engines.items()
+                   if engine.pid is not None and key in serving}
         demand = await anyio.to_thread.run_sync(self._demand.read, leaders)
         now = self._clock()
         per_gpu: dict[str, dict[str, float]] = {}

@@ -299,7 +299,8 @@ class Metrics:
         """One poll round over ``groups`` and the pool's ready engines (tests call it directly)."""
         self.track(groups)
         snapshot = await self._poller.collect_once(groups, session)
-        await self.diagnosis.observe(groups, snapshot.gpus)
+        await self.diagnosis.observe(groups, snapshot.gpus,
+                                     {b.key for b in self.pool.backends() if b.routable})
         return snapshot
 
     def render(self) -> tuple[bytes, str]:

@@ -86,12 +86,15 @@ def nvml(utilization: float) -> GpuSample:
     return GpuSample(memory_used=1, memory_total=2, utilization=utilization, processes=())
 
 
+SERVING = {key for group in GROUPS for key in group.engines}
+
+
 def rounds(diagnosis: Diagnosis, proc: FakeProc, shares: Mapping[int, float],
-           gpus: Mapping[str, GpuSample], count: int) -> None:
+           gpus: Mapping[str, GpuSample], count: int, serving: set[str] = SERVING) -> None:
     async def main() -> None:
         for _ in range(count):
             proc.advance(shares)
-            await diagnosis.observe(GROUPS, gpus)
+            await diagnosis.observe(GROUPS, gpus, serving)
 
     anyio.run(main)
 
@@ -155,6 +158,17 @@ def test_the_ratio_is_over_the_window_and_old_samples_leave_it(proc: FakeProc) -
     rounds(diagnosis, proc, {101: 0.1, 102: 0.1}, gpus, 2)
     found = diagnosis.of("gpu0")
     assert found is not None and found["cpu_bound_ratio"] == 0.2 and not found["cpu_bound"]
+
+
+def test_engines_starting_up_are_left_out(proc: FakeProc) -> None:
+    """Loading a model keeps a core busy while the GPU idles: not what the diagnosis is about."""
+    diagnosis = make(proc)
+    gpus = {"gpu0": nvml(0.1), "gpu1": nvml(0.1)}
+    rounds(diagnosis, proc, {101: 1.0, 102: 1.0, 201: 1.0}, gpus, 4, serving={"gpu0/a-0"})
+    gpu0 = diagnosis.of("gpu0")
+    assert gpu0 is not None and gpu0["engine_cpu"] == {"gpu0/a-0": 1.0}
+    assert gpu0["cpu_bound"]  # its serving engine wants a core
+    assert diagnosis.of("gpu1") is None  # none of its engines serves yet
 
 
 def test_without_nvml_there_is_no_diagnosis_and_no_series(proc: FakeProc) -> None:
