@@ -61,11 +61,27 @@ def preflight(plan: Plan, *, control_binary: str, state_dir: Path,
     mpsd's own running engines listen on: a changed engine gets its port back once stopped.
     ``listen`` is the proxy's address where it is not mpsd's own yet (start-up, check-config
     with no daemon running)."""
+    return (taken_ports(plan, held_ports, listen)
+            + _missing(plan, control_binary=control_binary, state_dir=state_dir))
+
+
+def taken_ports(plan: Plan, held_ports: Iterable[int],
+                listen: tuple[str, int] | None) -> list[str]:
+    """The ports the plan needs that another program holds now (see :func:`preflight`)."""
     problems: list[str] = []
     if listen is not None and not _listen_free(*listen):
         problems.append(f"proxy.listen {listen[0]}:{listen[1]} is in use by another program "
                         "(or the address is not this host's)")
     held = set(held_ports)
+    problems += [f"{e.key}: port {e.port} on 127.0.0.1 is in use by another program"
+                 for g in plan.groups for e in g.engines
+                 if e.port not in held and not port_free(e.port)]
+    return problems
+
+
+def _missing(plan: Plan, *, control_binary: str, state_dir: Path) -> list[str]:
+    """Executables, model directories and writable directories the plan needs."""
+    problems: list[str] = []
     dirs = [state_dir]
     if plan.mps_enabled and any(g.mps for g in plan.groups) and not _runnable(
             control_binary, os.environ.get("PATH")):
@@ -84,9 +100,6 @@ def preflight(plan: Plan, *, control_binary: str, state_dir: Path,
                     f"model {str(engine.model_dir)!r} does not exist (a relative path is taken "
                     "from the config file's directory; a hub id is written without ./, e.g. "
                     "Qwen/Qwen2.5-0.5B-Instruct)", []).append(engine.key)
-            if engine.port not in held and not port_free(engine.port):
-                problems.append(f"{engine.key}: port {engine.port} on 127.0.0.1 is in use by "
-                                "another program")
     problems += [f"{', '.join(keys)}: {cause}" for cause, keys in engines_of.items()]
     problems += [f"directory {d} cannot be created or written" for d in dirs if not _writable(d)]
     return problems
@@ -114,12 +127,12 @@ async def preflight_start(plan: Plan, config: Config, *, settle_s: float) -> lis
     Ports still held are checked again for up to ``settle_s``: leftovers of a previous run
     reaped a moment ago let go of theirs as they finish exiting."""
     deadline = anyio.current_time() + settle_s
-    while True:
-        problems = preflight(plan, control_binary=config.mps.control_binary,
-                             state_dir=config.daemon.state_dir, held_ports=(),
-                             listen=(config.proxy.host, config.proxy.port))
-        if not any(" in use by " in p for p in problems) or anyio.current_time() > deadline:
-            return problems
+    listen = (config.proxy.host, config.proxy.port)
+    while True:  # polling: the kernel tells no one when a dying process's socket closes
+        taken = taken_ports(plan, (), listen)
+        if not taken or anyio.current_time() >= deadline:
+            return taken + _missing(plan, control_binary=config.mps.control_binary,
+                                    state_dir=config.daemon.state_dir)
         await anyio.sleep(0.05)
 
 
