@@ -224,3 +224,10 @@ def idle(w: World) -> list[str]:
     if st.get("queued"):
         out.append(f"{st['queued']} requests queued with no load")
     return out
+
+
+def log_clean(w: World) -> list[str]:
+    """mpsd's log has no illegal state transition and no crashed group (its own bugs, even
+    when it recovered from them)."""
+    return [f"log: {e['event']} {({k: v for k, v in e.items() if k in ('gpu', 'from', 'to')})}"
+            for name in ("illegal_transition", "group_crashed") for e in w.m.events(name)][:5]

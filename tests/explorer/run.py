@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.explorer.invariants import SETTLE_S, idle, requests_ok, settle
+from tests.explorer.invariants import SETTLE_S, idle, log_clean, requests_ok, settle
 from tests.explorer.steps import STEPS, Effect, Step, generate
 from tests.explorer.world import STOP_BOUND_S, World
 from tests.harness import wait_until
@@ -141,7 +141,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
     else:
         report.ran.append(str(last))
         w.stop_load()
-        found = settle(w, [], bound=SETTLE_S) + requests_ok(w, seen)
+        found = settle(w, [], bound=SETTLE_S) + requests_ok(w, seen) + log_clean(w)
         if not found:
             found = _poll(lambda: idle(w), 10)
         if found:

@@ -9,6 +9,7 @@ violations, a log excerpt and the line that replays it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,25 @@ def explore(workdir: Path, plan: str, mps: str = "on", replicas: int = 2,
     steps = [Step.parse(text) for text in plan.split(",")]
     report = run_schedule(Schedule(steps, mps=mps, name=name or plan, replicas=replicas),
                           workdir)
+    print(report.text())  # the steps with their times, for the CI log
     assert report.ok, report.text()
 
 
-@pytest.mark.parametrize(("seed", "mps"), [(7, "on"), (8, "off")])
-def test_seeded_schedule(workdir: Path, seed: int, mps: str) -> None:
-    """Random faults and commands (the seed picks 4 steps, then SIGTERM)."""
-    report = run_schedule(Schedule.seeded(seed, mps, 4), workdir)
-    assert report.ok, report.text()
+SEEDED_BUDGET_S = 25.0  # per MPS mode: as many seeded schedules as fit, at least one
+
+
+@pytest.mark.parametrize(("base", "mps"), [(100, "on"), (200, "off")])
+def test_seeded_schedules(workdir: Path, base: int, mps: str) -> None:
+    """Random faults and commands, 4 steps then SIGTERM per schedule, seeds base, base+1, ...
+    while the time box lasts (each seed is its own reproducible schedule)."""
+    started = time.monotonic()
+    seed = base
+    while seed == base or time.monotonic() - started < SEEDED_BUDGET_S:
+        (workdir / str(seed)).mkdir()
+        report = run_schedule(Schedule.seeded(seed, mps, 4), workdir / str(seed))
+        print(report.text())
+        assert report.ok, report.text()
+        seed += 1
 
 
 def test_port_squatted_during_an_mps_off_restart_touches_no_sibling(workdir: Path) -> None:
@@ -102,7 +114,7 @@ def test_a_long_non_streaming_answer_is_not_a_stall(workdir: Path) -> None:
 def test_a_client_that_stops_reading_harms_no_one_else(workdir: Path) -> None:
     """A client reading nothing paused the upstream; the engine was judged hung and its GPU
     restarted (then every restarted engine was ejected again, to FAILED)."""
-    explore(workdir, "stuck_reader:gpu0/0@6")
+    explore(workdir, "stuck_reader:gpu0/0@4")
 
 
 def test_a_second_mpsd_run_refuses_and_touches_nothing(workdir: Path) -> None:
