@@ -42,6 +42,7 @@ class Backend:
     consecutive_5xx: int = 0
     ejections_in_row: int = 0
     ejections: int = 0
+    coming: bool = False  # not ready, but expected soon: starting, recovering or backing off
     _idle: list[asyncio.Future[None]] = field(default_factory=list, init=False, repr=False)
 
     def as_dict(self) -> BackendStatus:

@@ -71,6 +71,8 @@ class ProxyConfig(_Frozen):
     connect_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     first_byte_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     admission_wait_s: Annotated[float, Field(ge=0)] = 0.0
+    recovery_hold_s: Annotated[float, Field(ge=0)] = 30.0
+    recovery_hold_max: Annotated[int, Field(ge=0)] = 1024
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     unready_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
     max_inflight_per_engine: Annotated[int, Field(ge=0)] = 0

@@ -108,6 +108,23 @@ class BackendPool:
         if backend.routable:
             self._dispatch()
 
+    def set_coming(self, key: str, coming: bool) -> None:
+        """The supervisor expects ``key`` ready soon (starting, recovering, backing off), or no
+        longer does (ready, FAILED, drained, stopping). Requests held for a model none of whose
+        engines is coming any more get their 503 at once."""
+        backend = self._backends.get(key)
+        if backend is None or backend.coming == coming:
+            return
+        backend.coming = coming
+        if not coming and self._waiters:
+            self._drop_hopeless()
+
+    def coming(self, model: str | None) -> bool:
+        """Nothing of ``model`` is routable, but an engine of it is expected soon: a request
+        may be held for it (through a recovery) instead of answered 503 at once."""
+        candidates = self._candidates_or_empty(model)
+        return any(b.coming for b in candidates) and not any(b.routable for b in candidates)
+
     def configure(self, *, max_inflight_per_engine: int = 0, eject_after_errors: int = 0,
                   eject_base_s: float = 0.0, eject_max_s: float = 0.0) -> None:
         """The proxy's settings (start and live reload); a raised cap serves queued requests."""
@@ -126,6 +143,7 @@ class BackendPool:
         after the ejection time."""
         if dead:
             backend.ejected_until = math.inf
+            backend.coming = True  # its group restarts it: its model's requests may be held
         else:
             backend.ejections_in_row += 1
             span = min(self._eject_base_s * backend.ejections_in_row, self._eject_max_s)
@@ -284,14 +302,14 @@ class BackendPool:
             async with asyncio.timeout(wait_s):
                 return await future
         except TimeoutError:
-            if future.done() and not future.cancelled():  # granted as the clock ran out
+            if _granted(future):  # granted as the clock ran out
                 self._release(future.result())
             raise NoCapacity(model, ready=_any_routable(self._candidates_or_empty(model),
                                                         exclude), waited_s=wait_s) from None
         except BaseException:
-            if future.done() and not future.cancelled():  # granted, then cancelled: give back
+            if _granted(future):  # granted, then cancelled: give back
                 self._release(future.result())
-            else:
+            elif not future.done():
                 future.cancel()
             raise
 
@@ -316,6 +334,14 @@ class BackendPool:
             waiter.future.set_result(backend)
         self._waiters = kept
 
+    def _drop_hopeless(self) -> None:
+        """Held requests whose model has nothing routable and nothing coming: 503 now."""
+        for waiter in self._waiters:
+            candidates = self._candidates_or_empty(waiter.model)
+            if waiter.future.done() or any(b.coming or b.routable for b in candidates):
+                continue
+            waiter.future.set_exception(NoCapacity(waiter.model, ready=False, waited_s=0.0))
+
     def _release(self, backend: Backend) -> None:
         backend.inflight -= 1
         if self._waiters:
@@ -324,6 +350,11 @@ class BackendPool:
             for idle in backend._idle:
                 if not idle.done():
                     idle.set_result(None)
+
+
+def _granted(future: asyncio.Future[Backend]) -> bool:
+    """A backend was handed to this waiter (not cancelled, not refused)."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _any_routable(candidates: Iterable[Backend], exclude: Collection[Backend]) -> bool:

@@ -162,7 +162,7 @@ class Dispatcher:
 
     async def _lease(self, model: str | None, tried: list[Backend], started: float) -> Lease:
         """A lease from the admission queue; a retry (``tried``) does not wait in it."""
-        lease = self._pool.lease(model, wait_s=0.0 if tried else self.config.admission_wait_s,
+        lease = self._pool.lease(model, wait_s=0.0 if tried else self._wait_s(model),
                                  exclude=tried)
         try:
             await lease.acquire()
@@ -172,6 +172,16 @@ class Dispatcher:
         if not tried:
             self._observer.queue_wait(self.loop.time() - started)
         return lease
+
+    def _wait_s(self, model: str | None) -> float:
+        """How long a new request may wait for an engine: ``admission_wait_s`` for a free slot,
+        or ``recovery_hold_s`` while the model's engines are all on their way back (a recovery,
+        a restart), so that a fault costs latency rather than errors — within a bound."""
+        config = self.config
+        if (config.recovery_hold_s > config.admission_wait_s and self._pool.coming(model)
+                and self._pool.queued() < config.recovery_hold_max):
+            return config.recovery_hold_s
+        return config.admission_wait_s
 
     def _connect_failed(self, backend: Backend, exc: UpstreamConnectError) -> None:
         """The request never left: count it, and eject an engine that refused outright."""

@@ -64,6 +64,9 @@ from mpsd.supervise.states import (
 
 _log = logs.get("mpsd.group")
 RESYNC_S = 5.0  # a pass at least this often, whatever happens (level-triggered)
+_NOT_COMING = frozenset({GroupState.FAILED, GroupState.STOPPING, GroupState.STOPPED})
+_COMING = frozenset({EngineState.STARTING, EngineState.BACKOFF, EngineState.STOPPED,
+                     EngineState.STOPPING})
 
 
 class GpuGroup:
@@ -454,12 +457,14 @@ class GpuGroup:
             self._unroute_all()
         else:
             self._route(slot.key, False)
+        self._announce(self._view(), time.monotonic())
         self._wake.set()
 
     def _group_fault(self, fault: Fault) -> None:
         if self._fault is None:
             self._fault = fault
         self._unroute_all()
+        self._announce(self._view(), time.monotonic())
         self._wake.set()
 
     def _on_mps_log(self, event: MpsLogEvent) -> None:
@@ -548,6 +553,21 @@ class GpuGroup:
         elif state is not GroupState.RECOVERING:
             self._serving = False
         self._set_state(state, reason)
+        self._announce(view, now)
+
+    def _announce(self, view: GroupView, now: float) -> None:
+        """Tell the pool which engines are on their way back (starting, backing off, being
+        replaced, or this GPU recovering): the proxy may hold their model's requests for them.
+        A FAILED engine or GPU, a drain or a stop is not coming back."""
+        d = self.desired
+        hopeful = self.state not in _NOT_COMING and not (d.stopping or d.drained or d.verdict)
+        for plan in self.plan.engines:
+            backend = self._pool.get(plan.key)
+            if backend is None:
+                continue
+            state = engine_state(plan, view.engine(plan.key), False, now)
+            faulted = state is EngineState.READY and not backend.routable  # about to restart
+            self._pool.set_coming(plan.key, hopeful and (state in _COMING or faulted))
 
     def _set_state(self, new: GroupState, reason: str) -> None:
         """The one writer of ``state``. An edge the state machine lacks is a bug: logged as

@@ -473,3 +473,48 @@ class TestEjection:
         pool.eject(a, 0.0, "stall", "a stream sent nothing", dead=True)
         pool.remove("g0/b")
         assert gone == ["g0/a", "g0/b"]
+
+
+class TestHoldThroughRecovery:
+    """A model whose engines are all on their way back holds requests; nothing else waits."""
+
+    def test_coming_only_while_nothing_of_the_model_is_routable(self) -> None:
+        pool = _pool("g0/a", "g0/b")
+        pool.set_routable("g0/a", False)
+        pool.set_coming("g0/a", True)
+        assert not pool.coming("m")  # g0/b serves
+        pool.set_routable("g0/b", False)
+        assert pool.coming("m")
+        pool.set_coming("g0/a", False)
+        assert not pool.coming("m")
+
+    def test_a_held_request_goes_to_the_first_engine_ready(self) -> None:
+        async def body() -> str:
+            pool = _pool("g0/a")
+            pool.set_routable("g0/a", False)
+            pool.set_coming("g0/a", True)
+            lease = pool.lease("m", wait_s=5.0)
+            waiting = asyncio.ensure_future(lease.acquire())
+            await until(lambda: pool.queued() == 1, 2.0, "held")
+            pool.set_routable("g0/a", True)
+            backend = await waiting
+            lease.release()
+            return backend.key
+
+        assert run(body) == "g0/a"
+
+    def test_held_requests_get_their_503_once_nothing_is_coming(self) -> None:
+        async def body() -> None:
+            pool = _pool("g0/a")
+            pool.set_routable("g0/a", False)
+            pool.set_coming("g0/a", True)
+            lease = pool.lease("m", wait_s=5.0)
+            waiting = asyncio.ensure_future(lease.acquire())
+            await until(lambda: pool.queued() == 1, 2.0, "held")
+            pool.set_coming("g0/a", False)  # its engine FAILED: nothing to wait for
+            with pytest.raises(NoCapacity):
+                await waiting
+            lease.release()
+            assert pool.queued() == 0 and pool.inflight_total() == 0
+
+        run(body)

@@ -182,3 +182,24 @@ def test_engines_with_an_explicit_kv_size_start_and_recover_together(mpsd: Mpsd)
     mpsd.wait_state("gpu0", "running", after=1)
     assert overlapped(2)
     assert mpsd.terminate() == 0
+
+
+def test_requests_sent_during_a_recovery_are_held_not_failed(mpsd: Mpsd) -> None:
+    """One GPU, MPS on: a killed engine takes its GPU through a one_for_all recovery (engines
+    ~1 s to start). Requests sent after the kill wait for the first engine back instead of an
+    immediate 503: none of them fails, while /health says not ready during the gap."""
+    mpsd.engine_env = {"FAKE_ENGINE_START_DELAY_S": "1.0"}
+    mpsd.start()
+    mpsd.wait_state("gpu0", "running")
+    with Load(mpsd, clients=4) as load:
+        wait_until(lambda: len(load.since(0)) >= 10, 10, "first answers")
+        killed = time.monotonic()
+        os.kill(mpsd.engine_pids()["gpu0/tiny-0"], signal.SIGKILL)
+        mpsd.wait_state("gpu0", "recovering")
+        gap = time.monotonic()
+        mpsd.wait_state("gpu0", "running", after=1)
+        back = time.monotonic()
+        wait_until(lambda: len(load.since(back)) >= 10, 20, "answers after the recovery")
+    sent_after = [code for t, code in load.outcomes if t > gap + 0.5]  # answered after sending
+    assert sent_after and set(sent_after) == {200}, sent_after
+    assert back > killed
