@@ -157,8 +157,15 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
 
 
 def _act(w: World, step: Step) -> Effect:
+    """Run one step; a step that raises (mpsd gone under it, say) is a finding of its own,
+    except while SIGTERM is stopping mpsd under it on purpose."""
     started = time.time()
-    effect = STEPS[step.kind](w, step)
+    try:
+        effect = STEPS[step.kind](w, step)
+    except Exception as exc:  # any error of a step is reported, not raised
+        effect = Effect(disturbs=set(range(w.gpus)))
+        if w.stopping_at is None:
+            effect.violations.append(f"step {step} raised {exc!r}")
     w.disturb(effect.disturbs, started)
     return effect
 

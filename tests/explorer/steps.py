@@ -424,7 +424,8 @@ def second_run(w: World, s: Step) -> Effect:
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(20)
-    w.helpers.discard(proc.pid) if proc.poll() is not None else None
+    if proc.poll() is not None:
+        w.helpers.discard(proc.pid)
     return effect
 
 
