@@ -64,8 +64,10 @@ class Rollout:
         target = self.new.get(key)
         before = self.group.failures(key)
         await self._submit(SetEngine(self.group.key, key, target))
-        if target is None:
+        if key in self.old:
+            await self._stopped(key)
             _log.info("engine_rolled_out", gpu=self.group.key, engine=key)
+        if target is None:
             return ""
         outcome = await self._outcome(target, before)
         if outcome == "ready":
@@ -79,6 +81,14 @@ class Rollout:
                 else "left out")
         return (f"reload: {key} failed to start ({outcome}); {back}, and the rollout stopped "
                 "there")
+
+    async def _stopped(self, key: str) -> None:
+        """Until the old process of ``key`` is gone (bounded by its own drain and stop)."""
+        old = self.old[key]
+        limit = old.stop_timeout_s + self.group.options.drain_timeout_s + _MARGIN_S
+        with anyio.move_on_after(limit):
+            while (engine := self.group.engines.get(key)) is not None and engine.plan == old:
+                await self.group.next_pass()
 
     async def _outcome(self, target: EnginePlan, before: int) -> str:
         """``"ready"``, or why not: its start failed, or it did not get ready in time."""

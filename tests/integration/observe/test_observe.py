@@ -120,8 +120,8 @@ def test_an_engine_restarting_alone_shows_in_the_reason_and_the_metrics(mpsd: Mp
 
     assert reason() == "2/2 engines ready"
     mpsd.control(ports[0], "crash")
-    restarting = wait_until(lambda: "restarting" in (r := reason()) and r, 20, "restart reason")
-    assert restarting.startswith("1/2 engines ready; gpu0/tiny-0 restarting: ")
+    restarting = wait_until(lambda: "backoff" in (r := reason()) and r, 20, "restart reason")
+    assert restarting.startswith("1/2 engines ready; gpu0/tiny-0 backoff ("), restarting
     assert mpsd.status()["groups"][0]["state"] == "running"  # its sibling serves on
     wait_until(lambda: reason() == "2/2 engines ready", 30, "the reason after the restart")
     samples = scrape(mpsd)
