@@ -27,6 +27,16 @@ Phases (each after a warm-up; ``--phases`` picks some):
   mixed    non-streaming, each request takes 1-40 ms: the engines' request and in-flight split
   sse      streaming, --streams concurrent streams of --tokens events, decode step --step-ms:
            events/s relayed, proxy CPU per 1k events
+  c1       non-streaming, ONE client sending back to back, engine answers at once: the tail
+           (p50/p99/p99.9/max) at low load, where anything periodic on the proxy's event loop
+           shows, and proxy CPU per request (issue 21)
+
+The mpsd arm runs what ``mpsd run`` runs beside the proxy that can hold its loop: the metrics
+poller, scraping both engines' ``/metrics`` (a vLLM-sized exposition) every --mpsd-poll-s
+seconds (default 1; 0 = off), and the loop-lag sampler; the c1 table shows, per mpsd arm, the
+loop lags over 2 ms and the garbage collector's pauses over 1 ms seen during its measurement.
+While one arm is measured, every other proxy is stopped (SIGSTOP): an idle arm's timers and
+poller would otherwise take the shared proxy CPU from the one measured.
 
 CPU is utime+stime of the proxy process from /proc/PID/stat (clock ticks), read by the load
 generator at the start and the end of the measured window.
@@ -83,6 +93,46 @@ _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8
 _HEALTH = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
+def _vllm_exposition() -> bytes:
+    """A /metrics page the size and shape of a vLLM engine's (v0.10: ~40 families, its
+    histograms' buckets, the HTTP instrumentator's per-handler histograms, process metrics)."""
+    out: list[str] = []
+    lab = 'engine="0",model_name="bench"'
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prefix_cache_queries", "engine_sleep_state"):
+        out += [f"# HELP vllm:{name} x", f"# TYPE vllm:{name} gauge", f"vllm:{name}{{{lab}}} 1.0"]
+    for name in ("prompt_tokens", "generation_tokens", "num_preemptions", "request_success"):
+        out += [f"# HELP vllm:{name}_total x", f"# TYPE vllm:{name}_total counter",
+                f"vllm:{name}_total{{{lab}}} 12345.0", f"vllm:{name}_created{{{lab}}} 1.7e9"]
+    buckets = [0.001 * 2 ** (i / 2) for i in range(30)]
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds",
+                 "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_inference_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens", "iteration_tokens_total",
+                 "request_max_num_generation_tokens",
+                 "request_params_n", "request_params_max_tokens", "inter_token_latency_seconds"):
+        out += [f"# HELP vllm:{name} x", f"# TYPE vllm:{name} histogram"]
+        out += [f'vllm:{name}_bucket{{{lab},le="{b:.6g}"}} {i * 10}.0'
+                for i, b in enumerate(buckets)]
+        out += [f'vllm:{name}_bucket{{{lab},le="+Inf"}} 300.0', f"vllm:{name}_count{{{lab}}} 300.0",
+                f"vllm:{name}_sum{{{lab}}} 42.0", f"vllm:{name}_created{{{lab}}} 1.7e9"]
+    for name in ("http_request_duration_seconds", "http_request_duration_highr_seconds"):
+        out += [f"# HELP {name} x", f"# TYPE {name} histogram"]
+        for handler in ("/v1/completions", "/v1/chat/completions", "/health", "/metrics"):
+            hl = f'handler="{handler}",method="POST"'
+            out += [f'{name}_bucket{{{hl},le="{b:.6g}"}} {i}.0' for i, b in enumerate(buckets)]
+            out += [f"{name}_count{{{hl}}} 30.0", f"{name}_sum{{{hl}}} 3.0"]
+    out += ["# HELP process_cpu_seconds_total x", "# TYPE process_cpu_seconds_total counter",
+            "process_cpu_seconds_total 123.0"]
+    body = ("\n".join(out) + "\n").encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body)
+
+
+_METRICS = _vllm_exposition()
+
+
 class _EngineConn(asyncio.Protocol):
     def __init__(self, engine: _Engine) -> None:
         self.engine = engine
@@ -118,6 +168,9 @@ class _EngineConn(asyncio.Protocol):
         assert self.transport is not None
         if head.startswith(b"GET /health"):
             self.transport.write(_HEALTH)
+            return
+        if head.startswith(b"GET /metrics"):
+            self.transport.write(_METRICS)
             return
         if head.startswith(b"GET /stats"):
             stats = json.dumps(self.engine.stats(asyncio.get_running_loop().time())).encode()
@@ -314,7 +367,8 @@ async def _serve_pipe(port: int, upstreams: list[str]) -> None:
         await _until_signalled()
 
 
-async def _serve_mpsd(port: int, upstreams: list[str], root: str) -> None:
+async def _serve_mpsd(port: int, upstreams: list[str], root: str, poll_s: float = 0.0,
+                      diag: str = "") -> None:
     sys.path.insert(0, root or str(ROOT))
     import structlog  # noqa: PLC0415 (only the process that serves)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
@@ -331,10 +385,66 @@ async def _serve_mpsd(port: int, upstreams: list[str], root: str) -> None:
     for i, url in enumerate(upstreams):
         pool.add(backend(key=f"gpu0/bench-{i}", gpu="gpu0", model="bench", base_url=url))
         pool.set_routable(f"gpu0/bench-{i}", True)
-    proxy = ProxyServer(ProxyConfig(listen=f"127.0.0.1:{port}"), pool, lambda: {}, Metrics(pool))
+    metrics = Metrics(pool, sampler=lambda uuid: None)
+    lags: list[float] = []
+    observe = getattr(metrics, "loop_lag", None)
+    if observe is not None:  # (a --baseline tree may have no lag sampler)
+
+        def both(seconds: float) -> None:
+            lags.append(seconds)
+            observe(seconds)
+
+        metrics.loop_lag = both  # type: ignore[method-assign]
+    pauses = _gc_pauses()
+    loop = asyncio.get_running_loop()
+    if diag:  # the orchestrator marks each measured window: SIGUSR1 starts it, SIGUSR2 ends it
+
+        def window_start() -> None:
+            lags.clear()
+            pauses.clear()
+
+        def window_end() -> None:
+            Path(diag).write_text(json.dumps(_diag(lags, pauses)))
+
+        loop.add_signal_handler(signal.SIGUSR1, window_start)
+        loop.add_signal_handler(signal.SIGUSR2, window_end)
+    proxy = ProxyServer(ProxyConfig(listen=f"127.0.0.1:{port}"), pool, lambda: {}, metrics)
     await proxy.start()
+    poller = None
+    if poll_s:  # what mpsd run does beside the proxy: scrape and parse the engines' /metrics
+        supervisor = type("NoGroups", (), {"groups": {}})()
+        poller = asyncio.get_running_loop().create_task(metrics.poll(supervisor, poll_s))
     await _until_signalled()
+    if poller is not None:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
     await proxy.stop(1.0)
+    print(f"mpsd arm, last window: {json.dumps(_diag(lags, pauses))}; poll rounds "
+          f"{metrics.rounds}", file=sys.stderr)
+
+
+def _diag(lags: list[float], pauses: list[float]) -> dict[str, float]:
+    return {"lag_samples": len(lags), "lag_max_ms": 1000 * max(lags, default=0.0),
+            **{f"lag_over_{ms}ms": sum(1 for x in lags if x > ms / 1000) for ms in (1, 2, 5)},
+            "gc_collections": len(pauses), "gc_max_ms": 1000 * max(pauses, default=0.0),
+            "gc_over_1ms": sum(1 for x in pauses if x > 0.001)}
+
+
+def _gc_pauses() -> list[float]:
+    """The garbage collector's pauses in this process, as they happen."""
+    import gc  # noqa: PLC0415 (only the process that serves)
+    pauses: list[float] = []
+    started = [0.0]
+
+    def timing(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(timing)
+    return pauses
 
 
 async def _until_signalled() -> None:
@@ -521,6 +631,8 @@ async def _load(ports: list[int], concurrency: int, duration: float, warmup: flo
         "cpu_s": cpu_s, "cpu_util": cpu_s / elapsed,
         "p50_ms": 1000 * lat[len(lat) // 2] if lat else float("nan"),
         "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else float("nan"),
+        "p999_ms": 1000 * lat[int(len(lat) * 0.999)] if lat else float("nan"),
+        "max_ms": 1000 * lat[-1] if lat else float("nan"),
         "ttfb_p50_ms": 1000 * statistics.median(ttfb) if ttfb else float("nan"),
     }
 
@@ -608,7 +720,7 @@ def _run_load(args: argparse.Namespace, ports: list[int], phase: str,
     return dict(json.loads(out.stdout))
 
 
-PHASES = ("rps", "latency", "mixed", "sse")
+PHASES = ("rps", "latency", "mixed", "sse", "c1")
 
 
 def _engine_stats(port: int) -> dict[str, float]:
@@ -617,11 +729,22 @@ def _engine_stats(port: int) -> dict[str, float]:
 
 
 def _measure(args: argparse.Namespace, ports: list[int], pid: int | None,
-             engine_ports: list[int], phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
+             engine_ports: list[int], phases: tuple[str, ...] = PHASES,
+             diag: Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for phase in phases:
         before = [_engine_stats(p) for p in engine_ports]
+        if diag is not None and pid:
+            diag.unlink(missing_ok=True)
+            os.kill(pid, signal.SIGUSR1)
         out[phase] = _run_load(args, ports, phase, pid)
+        if diag is not None and pid:
+            os.kill(pid, signal.SIGUSR2)
+            for _ in range(100):
+                if diag.exists() and diag.stat().st_size:
+                    out[phase].update(json.loads(diag.read_text()))
+                    break
+                time.sleep(0.02)
         after = [_engine_stats(p) for p in engine_ports]
         for key in ("requests", "inflight_integral"):
             done = [a[key] - b[key] for a, b in zip(after, before, strict=True)]
@@ -643,10 +766,12 @@ def _arms(args: argparse.Namespace, engine_ports: list[int]) -> list[tuple[str, 
                             ("uvloop-pipe", "_pipe", "uvloop"),
                             ("mpsd", "_mpsd", "uvloop")):
         if name in wanted:
-            arms.append((name, _self(cmd, "--upstreams", urls, loop=loop)))
+            extra = ["--mpsd-poll-s", str(args.mpsd_poll_s)] if cmd == "_mpsd" else []
+            arms.append((name, _self(cmd, "--upstreams", urls, *extra, loop=loop)))
     if args.baseline:  # the same arm from another source tree, measured side by side
         arms.append(("mpsd-baseline", _self("_mpsd", "--upstreams", urls, "--root",
-                                            str(Path(args.baseline).resolve()))))
+                                            str(Path(args.baseline).resolve()),
+                                            "--mpsd-poll-s", str(args.mpsd_poll_s))))
     return arms
 
 
@@ -681,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a source tree of mpsd (e.g. `git archive` of an earlier commit) "
                              "served as an extra arm, mpsd-baseline")
     parser.add_argument("--root", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--diag", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--mpsd-poll-s", type=float, default=1.0,
+                        help="the mpsd arms scrape and parse the engines' /metrics this often, "
+                             "as mpsd run does (0 = not at all)")
     args = parser.parse_args(argv)
 
     if args.loop == "uvloop" and args.cmd.startswith("_"):
@@ -699,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_floor(args.port))
         return 0
     if args.cmd == "_mpsd":
-        asyncio.run(_serve_mpsd(args.port, args.upstreams.split(","), args.root))
+        asyncio.run(_serve_mpsd(args.port, args.upstreams.split(","), args.root,
+                                args.mpsd_poll_s, args.diag))
         return 0
     if args.cmd == "_load":
         ports = [int(p) for p in args.ports.split(",")]
@@ -709,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.phase == "latency":
             body = b'{"model":"bench","prompt":"Hello","max_tokens":16,"delay_ms":%d}' % (
                 args.latency_ms)
+        elif args.phase == "c1":
+            body = b'{"model":"bench","prompt":"Hello","max_tokens":16}'
+            args.concurrency = 1
         elif args.phase == "mixed":  # lengths from 1 to 40 ms, drawn per request
             body = b'{"model":"bench","prompt":"Hello","max_tokens":16,"delay_ms":MIXED}'
         else:
@@ -733,6 +866,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
                                              str(args.step_ms)), args.load_cpu, port))
         arms = _arms(args, engine_ports)
         targets: dict[str, tuple[list[int], int | None]] = {"direct": (engine_ports, None)}
+        diags: dict[str, Path] = {}
         for name, spec in arms[1:]:  # every proxy starts once, pinned, idle until measured
             port = _free_port()
             if spec == "nginx":
@@ -743,6 +877,9 @@ def _orchestrate(args: argparse.Namespace) -> int:
                 argv = ["nginx", "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"]
             else:
                 argv = [*spec, "--port", str(port)]
+                if name.startswith("mpsd"):
+                    diags[name] = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "d"
+                    argv += ["--diag", str(diags[name])]
             proc = stack.enter_context(_spawn(argv, args.proxy_cpu, port))
             targets[name] = ([port], proc.pid)
         names = [name for name, _ in arms]
@@ -754,8 +891,15 @@ def _orchestrate(args: argparse.Namespace) -> int:
                 ports, pid = targets[name]
                 phases = tuple(p for p in args.phases.split(",")
                                if name != "aiohttp-floor" or p in ("rps", "latency"))
-                runs.setdefault(name, []).append(_measure(args, ports, pid, engine_ports,
-                                                          phases))
+                others = [p for n, (_, p) in targets.items() if n != name and p]
+                for other in others:  # idle arms' timers must not take the measured one's CPU
+                    os.killpg(other, signal.SIGSTOP)
+                try:
+                    runs.setdefault(name, []).append(_measure(args, ports, pid, engine_ports,
+                                                              phases, diags.get(name)))
+                finally:
+                    for other in others:
+                        os.killpg(other, signal.SIGCONT)
     results = {name: _median_run(runs[name]) for name in names}
     _print_table(args, results)
     if args.json:
@@ -790,6 +934,26 @@ def _print_table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -
         _print_balance(args, results)
     if "sse" in measured:
         _print_streams(args, results)
+    if "c1" in measured:
+        _print_c1(results)
+
+
+def _print_c1(results: dict[str, dict[str, Any]]) -> None:
+    print("\nOne client, non-streaming requests back to back, the engine answers at once "
+          "(the tail at low load).\n")
+    print("| arm | req/s | p50 ms | p99 ms | p99.9 ms | max ms | proxy CPU µs/req | "
+          "loop lags > 2 ms (max ms) | GC pauses > 1 ms (max ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        c1 = r.get("c1")
+        if c1 is not None:
+            cpu = f"{1e6 * c1['cpu_s'] / c1['requests']:.0f}" if c1["cpu_s"] else "-"
+            lag = (f"{c1['lag_over_2ms']:.0f} ({c1['lag_max_ms']:.1f})" if "lag_over_2ms" in c1
+                   else "-")
+            gc = f"{c1['gc_over_1ms']:.0f} ({c1['gc_max_ms']:.1f})" if "gc_over_1ms" in c1 else "-"
+            print(f"| {name} | {c1['requests'] / c1['seconds']:.0f} | {c1['p50_ms']:.3f} | "
+                  f"{c1['p99_ms']:.3f} | {c1['p999_ms']:.3f} | {c1['max_ms']:.2f} | {cpu} | "
+                  f"{lag} | {gc} |")
 
 
 def _print_requests(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:

@@ -20,13 +20,13 @@ How a family is combined:
   engines that report them, and ``*_info`` families, whose value is always 1 and whose label
   sets are kept once each.
 
-:class:`NodeAggregator` keeps that memory between rounds; the poller runs it on a worker thread,
-one round at a time.
+:class:`NodeAggregator` keeps that memory between rounds; the poller runs it on the event loop,
+one round at a time, in steps that yield between families (:meth:`NodeAggregator.steps`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -76,6 +76,15 @@ class NodeAggregator:
 
     def families(self, merged: Iterable[Metric]) -> tuple[Metric, ...]:
         """One node-level family per family any engine ever had a counter in, or has now."""
+        steps = self.steps(merged)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def steps(self, merged: Iterable[Metric]) -> Generator[None, None, tuple[Metric, ...]]:
+        """:meth:`families` one family per step (a caller on the event loop yields between)."""
         out: dict[str, Metric] = {}
         for family in merged:
             mode = combine_mode(family)
@@ -83,8 +92,10 @@ class NodeAggregator:
                 self._remember(family)
             else:
                 out[family.name] = _combine(family, mode)
+            yield
         for name in self._counters:
             out[name] = self._monotonic(name)
+            yield
         return tuple(out.values())
 
     def _remember(self, family: Metric) -> None:
