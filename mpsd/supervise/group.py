@@ -450,7 +450,14 @@ class GpuGroup:
 
     def _engine_fault(self, slot: Slot, engine: Engine, fault: Fault) -> None:
         """MPS on and the engine had served: every engine of the GPU is unrouted in this tick
-        (their context is shared); else only this one."""
+        (their context is shared); else only this one. The reason carries the engine's own last
+        error line when it said one (a model that does not load, a bad flag), and where its
+        whole output is."""
+        cause = engine.process.last_error
+        if cause and engine.process.returncode is not None:
+            where = engine.process.output_file
+            fault = replace(fault, reason=f"{fault.reason}: {cause}"
+                            + (f" (whole output: {where})" if where else ""))
         if not slot.report(engine, fault):
             return
         if self.plan.mps and slot.ever_ready:

@@ -138,6 +138,7 @@ def test_mpsd_status_and_metrics_show_a_failed_groups_reason(mpsd: Mpsd) -> None
     mpsd.wait_state("gpu0", "failed")
     group = mpsd.status()["groups"][0]
     assert group["state"] == "failed" and "exited with code 1" in group["reason"], group
+    assert "is not a local folder" in group["reason"], group  # the engine's own last error
     assert {e["state"] for e in group["engines"]} == {"failed"}
     wait_until(lambda: serves(mpsd), 10, "gpu1 serving")
     code, _, metrics = http("GET", f"{mpsd.url}/metrics")
