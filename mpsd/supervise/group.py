@@ -163,6 +163,13 @@ class GpuGroup:
         slot = self.slots.get(key)
         return slot.failures if slot is not None else 0
 
+    def crashed(self, reason: str) -> None:
+        """Its loop died of a bug (everything it ran is already killed): FAILED with the
+        error, so that status says so; ``mpsd restart`` starts a fresh loop."""
+        self._serving = False
+        if self.state is not GroupState.FAILED:
+            self._set_state(GroupState.FAILED, reason)
+
     # -- inputs: the supervisor's desired state, and faults seen outside -----------------
 
     def set_desired(self, desired: Desired) -> None:

@@ -302,7 +302,7 @@ class Supervisor:
                 await group.run()
             except Exception as exc:  # a bug in one group must not take the other GPUs down
                 _log.exception("group_crashed", gpu=group.key)
-                group.reason = f"internal error: {exc!r}"
+                group.crashed(f"internal error: {exc!r}")
             if group.desired.stopping and group.key not in {g.key for g in self.plan.groups}:
                 self.groups.pop(group.key, None)  # removed by a reload
                 self._publish()
