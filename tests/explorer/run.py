@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.explorer.invariants import SETTLE_S, idle, log_clean, requests_ok, settle
@@ -74,13 +75,23 @@ class Report:
         return "\n".join(lines)
 
 
-def _excerpt(w: World, lines: int = 12) -> str:
-    """mpsd's last warnings, errors and state changes (what it decided), and any traceback."""
-    keep = [line for line in w.m.tail(600).splitlines()
-            if '"level": "debug"' not in line and ('"warning"' in line or '"error"' in line
-                                                   or '"group_state"' in line
-                                                   or not line.startswith("{"))]
-    return "\n".join(line[:240] for line in keep[-lines:])
+def _excerpt(w: World, since: float, lines: int = 16) -> str:
+    """What mpsd decided from ``since`` (epoch seconds) on: its warnings, errors and state
+    changes, and any line that is not JSON (a traceback)."""
+    keep: list[str] = []
+    for line in w.m.log_file.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            keep.append(line)
+            continue
+        if '"level": "debug"' in line or not ('"warning"' in line or '"error"' in line
+                                               or '"group_state"' in line):
+            continue
+        stamp = line.rpartition('"timestamp": "')[2][:26]
+        with contextlib.suppress(ValueError):
+            if datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp() < since:
+                continue
+        keep.append(line)
+    return "\n".join(line[:240] for line in keep[:lines])
 
 
 def run_schedule(schedule: Schedule, workdir: Path | None = None) -> Report:
@@ -105,7 +116,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
     found = settle(w, [], bound=30)
     if found:
         report.failed_step, report.violations = "start", found
-        report.excerpt = _excerpt(w)
+        report.excerpt = _excerpt(w, 0.0)
         return
     w.start_load()
     seen: dict[int, int] = {}
@@ -123,7 +134,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
             timer.join()
             report.ran.append(str(last))
             break
-        t0 = time.monotonic()
+        t0, t_step = time.monotonic(), time.time() - 1.0
         effect = _act(w, step)
         found = effect.violations + settle(w, effect.checks)
         w.disturb(effect.disturbs)  # mending the fault may disturb its GPU again
@@ -136,7 +147,7 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
         report.ran[-1] += f" ({time.monotonic() - t0:.1f} s{note})"
         if found:
             report.failed_step, report.violations = str(step), found
-            report.excerpt = _excerpt(w)
+            report.excerpt = _excerpt(w, t_step)
             break
     else:
         report.ran.append(str(last))
@@ -146,14 +157,14 @@ def _run(w: World, schedule: Schedule, report: Report) -> None:
             found = _poll(lambda: idle(w), 10)
         if found:
             report.failed_step, report.violations = "end", found
-            report.excerpt = _excerpt(w)
+            report.excerpt = _excerpt(w, time.time() - SETTLE_S - 5)
         w.sigterm()
     w.stop_load()
     stop = _stopped(w)
     if stop:
         report.failed_step = report.failed_step or str(last)
         report.violations += stop
-        report.excerpt = report.excerpt or _excerpt(w)
+        report.excerpt = report.excerpt or _excerpt(w, w.stopping_at or 0.0)
 
 
 def _act(w: World, step: Step) -> Effect:

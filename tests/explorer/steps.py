@@ -118,17 +118,26 @@ def _engine_fault(w: World, s: Step, kills: bool = True) -> Effect:
     effect = Effect(disturbs={s.gpu})
     if w.mps == "off":
         effect.checks.append(_siblings_untouched(w, s))
-    pid = _pid(_target(w, s))
-    if kills and pid is not None:
-        effect.checks.append(_replaced(w, pid))
+        pid = _pid(_target(w, s))
+        if kills and pid is not None:
+            effect.checks.append(_replaced(w, {pid}, "the killed engine"))
+    elif kills:
+        effect.checks.append(_gpu_restarted(w, s.gpu))
     return effect
 
 
-def _replaced(w: World, pid: int) -> Check:
+def _gpu_restarted(w: World, gpu: int) -> Check:
+    """MPS on is one_for_all: a fault of one engine (or of the GPU's MPS) restarts every
+    engine of the GPU (their shared context is poisoned)."""
+    pids = {pid for e in w.engines(gpu) if (pid := _pid(e)) is not None}
+    return _replaced(w, pids, f"one_for_all: gpu{gpu} after a fault")
+
+
+def _replaced(w: World, pids: set[int], what: str) -> Check:
     def check() -> list[str]:
         st = w.status() or {"groups": []}
-        return [f"{e['key']} still has the killed pid {pid}" for g in st["groups"]
-                for e in g["engines"] if e.get("pid") == pid]
+        return [f"{what}: {e['key']} still runs pid {e['pid']}" for g in st["groups"]
+                for e in g["engines"] if e.get("pid") in pids]
     return check
 
 
@@ -248,17 +257,20 @@ def kill_mps(w: World, s: Step) -> Effect:
     group = next((g for g in st["groups"] if g["gpu"] == f"gpu{s.gpu}"), None)
     mps = group.get("mps") if group else None
     pid = mps.get("pid") if isinstance(mps, dict) else None
+    restarted = _gpu_restarted(w, s.gpu)
     _kill(pid)
 
     def replaced() -> list[str]:
         st = w.status() or {"groups": []}
-        return [f"gpu{s.gpu} still names the killed MPS daemon {pid}" for g in st["groups"]
-                if g["gpu"] == f"gpu{s.gpu}" and (g.get("mps") or {}).get("pid") == pid]
-    return Effect(disturbs={s.gpu}, checks=[replaced])
+        return [f"gpu{s.gpu} names MPS daemon {now} (killed {pid})" for g in st["groups"]
+                if g["gpu"] == f"gpu{s.gpu}"
+                and (now := (g.get("mps") or {}).get("pid")) in (pid, None)
+                and g.get("state") != "failed"]
+    return Effect(disturbs={s.gpu}, checks=[replaced, restarted])
 
 
 def mps_fault(w: World, s: Step) -> Effect:
-    effect = Effect(disturbs={s.gpu})
+    effect = Effect(disturbs={s.gpu}, checks=[_gpu_restarted(w, s.gpu)])
     with contextlib.suppress(subprocess.SubprocessError, OSError):
         w.m.mps_command(f"gpu{s.gpu}", "fake_fault")
     return effect
@@ -268,10 +280,13 @@ def xid(w: World, s: Step) -> Effect:
     """NVML reports Xid ``arg`` on the GPU: 13 (an application's) recovers its group, 79
     (fallen off the bus) fails it until an operator's ``mpsd restart``."""
     code = int(s.arg) or 13
+    effect = Effect(disturbs={s.gpu})
+    if w.mps == "on":
+        effect.checks.append(_gpu_restarted(w, s.gpu))
     w.xid(s.gpu, code)
     if code == 79:
         w.hardware_failed.add(s.gpu)
-    return Effect(disturbs={s.gpu})
+    return effect
 
 
 # -- environment faults -----------------------------------------------------------------
