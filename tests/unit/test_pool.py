@@ -488,14 +488,20 @@ class TestHoldThroughRecovery:
         pool.set_coming("g0/a", False)
         assert not pool.coming("m")
 
+    @staticmethod
+    async def held() -> tuple[BackendPool, Any, asyncio.Future[Backend]]:
+        """One engine on its way back and one request held for it."""
+        pool = _pool("g0/a")
+        pool.set_routable("g0/a", False)
+        pool.set_coming("g0/a", True)
+        lease = pool.lease("m", wait_s=5.0)
+        waiting = asyncio.ensure_future(lease.acquire())
+        await until(lambda: pool.queued() == 1, 2.0, "held")
+        return pool, lease, waiting
+
     def test_a_held_request_goes_to_the_first_engine_ready(self) -> None:
         async def body() -> str:
-            pool = _pool("g0/a")
-            pool.set_routable("g0/a", False)
-            pool.set_coming("g0/a", True)
-            lease = pool.lease("m", wait_s=5.0)
-            waiting = asyncio.ensure_future(lease.acquire())
-            await until(lambda: pool.queued() == 1, 2.0, "held")
+            pool, lease, waiting = await self.held()
             pool.set_routable("g0/a", True)
             backend = await waiting
             lease.release()
@@ -505,12 +511,7 @@ class TestHoldThroughRecovery:
 
     def test_held_requests_get_their_503_once_nothing_is_coming(self) -> None:
         async def body() -> None:
-            pool = _pool("g0/a")
-            pool.set_routable("g0/a", False)
-            pool.set_coming("g0/a", True)
-            lease = pool.lease("m", wait_s=5.0)
-            waiting = asyncio.ensure_future(lease.acquire())
-            await until(lambda: pool.queued() == 1, 2.0, "held")
+            pool, lease, waiting = await self.held()
             pool.set_coming("g0/a", False)  # its engine FAILED: nothing to wait for
             with pytest.raises(NoCapacity):
                 await waiting
