@@ -6,7 +6,9 @@ environment allow-list for its own child.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,8 +54,62 @@ def engine_env(environ: Mapping[str, str], uuid: str, pipe_dir: Path | None, log
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(engine.active_thread_percentage)
         if pinned_limit is not None:
             env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = f"{uuid}={pinned_limit // 2**20}M"
+    env.update(compile_cache_env(environ, engine.model))
     env.update({k: fill(v, substitute) for k, v in engine.env.items()})
     return env
+
+
+
+#: The compile caches a vLLM start reads and writes, and each one's directory under the model's
+#: cache directory. Without them a restart compiles again: vLLM's own root (torch.compile
+#: artifacts, and from 0.3x inductor's and Triton's under it), Triton's kernels (``~/.triton``
+#: before that), inductor's (``/tmp/torchinductor_<user>``: systemd's ``PrivateTmp=`` loses it
+#: on every restart), FlashInfer's JIT modules and the CUDA driver's PTX JIT cache.
+COMPILE_CACHES = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TRITON_CACHE_DIR": "triton",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+    "CUDA_CACHE_PATH": "cuda",
+}
+
+
+def compile_cache_env(environ: Mapping[str, str], model: str) -> dict[str, str]:
+    """Where the engines of ``model`` keep their compile caches: one persistent directory per
+    model, shared by its replicas and kept across faults, reloads and restarts, so that only
+    the first start ever compiles.
+
+    The directory is ``$XDG_CACHE_HOME/mpsd/<model>`` or ``~/.cache/mpsd/<model>`` of mpsd's
+    own environment (under systemd and the Kubernetes DaemonSet ``HOME`` is ``/var/lib/mpsd``,
+    a persistent volume). A cache variable set in mpsd's environment passes as it is (the
+    config's ``env`` wins over both); without a ``HOME`` nothing is set.
+    """
+    root = cache_root(environ)
+    if root is None:
+        return {}
+    directory = root / cache_name(model)
+    return {var: environ.get(var) or str(directory / sub) for var, sub in COMPILE_CACHES.items()}
+
+
+def cache_root(environ: Mapping[str, str]) -> Path | None:
+    """``$XDG_CACHE_HOME/mpsd`` (when absolute, as the XDG spec asks), else ``~/.cache/mpsd``."""
+    xdg = environ.get("XDG_CACHE_HOME", "")
+    if xdg.startswith("/"):
+        return Path(xdg) / "mpsd"
+    home = environ.get("HOME", "")
+    return Path(home) / ".cache" / "mpsd" if home.startswith("/") else None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def cache_name(model: str) -> str:
+    """A model's cache directory name: a hub id as ``org--name`` (Hugging Face's own way); a
+    path as its last part and a short hash of the whole (two ``model`` dirs stay apart)."""
+    if model.startswith("/"):
+        digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+        return f"{_UNSAFE.sub('_', Path(model).name) or 'model'}-{digest}"
+    return _UNSAFE.sub("_", model.replace("/", "--")).strip(".") or "model"
 
 
 
