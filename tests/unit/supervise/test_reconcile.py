@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from mpsd.config import MpsConfig, RestartConfig, parse_config
-from mpsd.host.facts import HostFacts
+from mpsd.plan.build import HostFacts
 from mpsd.host.nvml import GpuInfo, GpuInventory
 from mpsd.plan.build import EnginePlan, GroupPlan, build_plan
 from mpsd.supervise.contract import GroupOptions
@@ -88,7 +88,7 @@ def test_a_serving_gpu_has_nothing_to_do() -> None:
                                     {"restart_generation": 1}])
 def test_stop_drain_and_restart_stop_every_engine_first_then_mps(
         change: dict[str, object]) -> None:
-    d = desired(**change)
+    d = replace(desired(), **change)  # type: ignore[arg-type]
     a, b = engines(d)
     view = serving(d)
     assert decide(d, view, NOW) == StopEngines((a.key, b.key))
