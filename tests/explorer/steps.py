@@ -118,9 +118,10 @@ def _engine_fault(w: World, s: Step, kills: bool = True) -> Effect:
     effect = Effect(disturbs={s.gpu})
     if w.mps == "off":
         effect.checks.append(_siblings_untouched(w, s))
-        pid = _pid(_target(w, s))
-        if kills and pid is not None:
-            effect.checks.append(_replaced(w, {pid}, "the killed engine"))
+        e = _target(w, s)
+        pid = _pid(e)
+        if kills and e is not None and pid is not None:
+            effect.checks.append(_replaced(w, {str(e["key"]): pid}, "the killed engine"))
     elif kills:
         effect.checks.append(_gpu_restarted(w, s.gpu))
     return effect
@@ -129,15 +130,26 @@ def _engine_fault(w: World, s: Step, kills: bool = True) -> Effect:
 def _gpu_restarted(w: World, gpu: int) -> Check:
     """MPS on is one_for_all: a fault of one engine (or of the GPU's MPS) restarts every
     engine of the GPU (their shared context is poisoned)."""
-    pids = {pid for e in w.engines(gpu) if (pid := _pid(e)) is not None}
+    pids = {str(e["key"]): pid for e in w.engines(gpu) if (pid := _pid(e)) is not None}
     return _replaced(w, pids, f"one_for_all: gpu{gpu} after a fault")
 
 
-def _replaced(w: World, pids: set[int], what: str) -> Check:
+def _replaced(w: World, pids: dict[str, int], what: str) -> Check:
+    """Each engine (key: pid before) runs a new process, or its state says why not (FAILED,
+    drained): a check that passes only once mpsd has reacted, not before."""
     def check() -> list[str]:
         st = w.status() or {"groups": []}
-        return [f"{what}: {e['key']} still runs pid {e['pid']}" for g in st["groups"]
-                for e in g["engines"] if e.get("pid") in pids]
+        out: list[str] = []
+        for g in st["groups"]:
+            explained = g.get("state") == "failed" or int(g["gpu"][3:]) in w.drained
+            for e in g["engines"]:
+                if e["key"] not in pids:
+                    continue
+                if e.get("pid") == pids[e["key"]]:
+                    out.append(f"{what}: {e['key']} still runs pid {e['pid']}")
+                elif e.get("pid") is None and not explained and e.get("state") != "failed":
+                    out.append(f"{what}: {e['key']} runs nothing yet")
+        return out
     return check
 
 
@@ -426,8 +438,13 @@ def sighup_storm(w: World, s: Step) -> Effect:
 
 
 def second_run(w: World, s: Step) -> Effect:
-    """Another ``mpsd run`` on the same config must refuse at once and touch nothing."""
-    effect = Effect(checks=[_pids_unchanged(w, "a second mpsd run touched the first's engines")])
+    """Another ``mpsd run`` on the same config must refuse at once and touch nothing; with
+    ``arg`` 1 it lands while the GPU recovers from a killed engine."""
+    if s.arg:
+        effect = _engine_fault(w, s)
+        _kill(_pid(_target(w, s)))
+    else:
+        effect = Effect(checks=[_pids_unchanged(w, "a second mpsd run touched engines")])
     proc = w.second_run()
     try:
         code = proc.wait(20)
@@ -577,7 +594,7 @@ def generate(seed: int, mps: str, steps: int, gpus: int = 2, replicas: int = 2) 
                "stuck_reader": rng.choice((3.0, 5.0)),
                "kill_reload": rng.choice((0.0, 0.3)),
                "race_restart_reload": rng.choice((0, 1)), "reload_mps": rng.choice((0, 1)),
-               "xid": rng.choice((13, 13, 79))}.get(kind, 0)
+               "xid": rng.choice((13, 13, 79)), "second_run": rng.choice((0, 1))}.get(kind, 0)
         out.append(Step(kind, rng.randrange(gpus), rng.randrange(replicas), float(arg)))
     out.append(Step("sigterm", arg=rng.choice((0.0, 0.0, 0.3, 1.0))))
     return out
