@@ -289,17 +289,21 @@ class EngineOutput:
     mpsd asked the engine to stop, the traceback vLLM (0.32) logs on every orderly stop —
     "AsyncLLM output_handler failed" … ``EngineDeadError``, because its engine client stops
     EngineCore before the output handler — goes to debug, announced by one info event: it is
-    the shutdown order, not a fault. The same lines at any other time stay errors.
+    the shutdown order, not a fault. The same lines at any other time stay errors. Every line
+    also goes to ``phases`` (:class:`StartPhases`), given one.
     """
 
     def __init__(self, engine: str, probe_paths: Collection[str],
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], phases: StartPhases | None = None) -> None:
         self._engine = engine
         self._probe = probe_access_line(probe_paths)
         self._stopping = stopping
+        self._phases = phases
         self._expected_source: str | None = None
 
     def __call__(self, line: str, previous: str) -> str | None:
+        if self._phases is not None:
+            self._phases.feed(line)
         if self._probe(line):
             return None
         if self._expected_source is not None:
@@ -462,3 +466,62 @@ class OutputTap:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+#: The phases of a vLLM start, each ended by the line that says it is over, in the order vLLM
+#: reaches them (0.26 on an H200, 0.32 for CPU; docs/operations.md). ``process``: the first
+#: line in vLLM's own format (Python and vLLM imported: 8-20 s); ``weights``: "Loading weights
+#: took" (GPU), "Initializing model took" (CPU); ``compile``: torch.compile and the warm-up
+#: (CPU: "Warming up done."); ``kv_cache``: "GPU/CPU KV cache size: N tokens"; ``cuda_graphs``:
+#: absent with ``--enforce-eager`` and on CPU; ``api_server``: uvicorn listens.
+_PHASE_ENDS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("process", _VLLM),
+    ("weights", re.compile(r"Loading weights took|Model loading took|Initializing model took")),
+    ("compile", re.compile(r"torch\.compile takes|Warming up done")),
+    ("kv_cache", re.compile(r"KV cache size: ")),
+    ("cuda_graphs", re.compile(r"Graph capturing finished")),
+    ("api_server", re.compile(r"Application startup complete")),
+)
+
+
+class StartPhases:
+    """How long each phase of one engine start took, read from its output as it arrives.
+
+    A phase lasts from the end of the one before (or the spawn) until the line that ends it,
+    as mpsd reads them: the phases add up to the whole start, and a slow disk (``weights``)
+    reads apart from a cold compile cache (``compile``). Only phases the engine reported are
+    kept, in vLLM's order: a line is matched only against the phases after the last one that
+    ended, so nothing counts twice and nothing is read once the API server listens.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.begin()
+
+    def begin(self) -> None:
+        """The spawn: a new start (an engine restart starts a fresh record)."""
+        self._last = self.started = self._clock()
+        self.seconds: dict[str, float] = {}
+        self._ahead = _PHASE_ENDS
+
+    def feed(self, line: str) -> None:
+        for index, (name, ends) in enumerate(self._ahead):
+            if ends.search(line):
+                self._ahead = self._ahead[index + 1:]
+                self.end(name)
+                return
+
+    def end(self, name: str) -> None:
+        """Close the phase ``name`` now (mpsd's own checks end ``ready`` this way)."""
+        now = self._clock()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+
+    @property
+    def last(self) -> str | None:
+        """The phase that ended last (None: the engine said nothing yet)."""
+        return next(reversed(self.seconds), None)
+
+    def text(self) -> str:
+        """``weights 3.1 s, compile 15.0 s, …`` for people."""
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())

@@ -158,6 +158,22 @@ def _engines(engines: Sequence[Mapping[str, Any]], paint: _Paint) -> list[str]:
     return lines
 
 
+def _phases(engines: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each engine's last start by phase (``weights``, ``compile``, ...): where its time went,
+    so a slow disk reads apart from a cold compile cache. An engine still starting shows the
+    phases done so far."""
+    lines = []
+    for e in engines:
+        phases = e.get("phases")
+        if not isinstance(phases, Mapping) or not phases:
+            continue
+        said = {clean(k): v for k, v in phases.items() if isinstance(v, int | float)}
+        so_far = " so far" if e.get("state") == "starting" else ""
+        lines.append(f"    {clean(e.get('key'))}  {sum(said.values()):.1f} s{so_far}: "
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in said.items()))
+    return ["  Last start:", *lines] if lines else []
+
+
 def _history(history: Sequence[Mapping[str, Any]], now: float) -> list[str]:
     if not history:
         return ["  Last restarts: none"]
@@ -217,7 +233,9 @@ def _group(group: Mapping[str, Any], paint: _Paint, now: float) -> list[str]:
     if isinstance(diagnosis, Mapping):
         lines += _diagnosis(diagnosis)
     engines = group.get("engines")
-    lines += _engines(engines if isinstance(engines, list) else [], paint)
+    listed = [e for e in engines if isinstance(e, Mapping)] if isinstance(engines, list) else []
+    lines += _engines(listed, paint)
+    lines += _phases(listed)
     history = group.get("history")
     if isinstance(history, list):
         lines += _history([h for h in history if isinstance(h, Mapping)], now)

@@ -145,6 +145,12 @@ class Metrics:
             "Recovery time by phase: mps = kill engines until the server is ACTIVE again or "
             "replaced; engine = start until every engine is ready.",
             ["gpu", "phase"], buckets=RECOVERY_BUCKETS, registry=r)
+        # where each engine's last start went (issue 20): set from its output at each poll
+        self._start_phases = Gauge(
+            "mpsd_engine_start_seconds",
+            "Seconds each phase of the engine's last start took: process, weights, compile, "
+            "kv_cache, cuda_graphs, api_server as the engine reported them, then ready (mpsd's "
+            "own checks).", ["gpu", "engine", "phase"], registry=r)
         self._poller = Poller(pool, sampler, scrape_timeout_s)
         r.register(_PoolCollector(pool))
         r.register(_ModelReadiness(pool))
@@ -250,9 +256,13 @@ class Metrics:
         self.last_recovery.setdefault(group.key, {})[phase] = seconds
 
     def track(self, groups: list[GpuGroup]) -> None:
-        """Show ``group_state`` for groups that have not changed state yet (all STOPPED)."""
+        """Show ``group_state`` for groups that have not changed state yet (all STOPPED), and
+        the phases of every engine's last start."""
         for group in groups:
             self._states(group.key, group.state)
+            for engine in group.engines.values():
+                for phase, seconds in engine.phases.seconds.items():
+                    self._start_phases.labels(group.key, engine.key, phase).set(seconds)
 
     def _states(self, gpu: str, current: GroupState) -> dict[GroupState, Gauge]:
         states = self._state_children.get(gpu)

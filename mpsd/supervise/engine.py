@@ -19,6 +19,7 @@ import anyio
 from mpsd import logs
 from mpsd.errors import HealthCheckFailed, MemberExited, SpawnError, StartupTimeout
 from mpsd.plan.build import EnginePlan
+from mpsd.supervise import starts
 from mpsd.supervise.mps import MpsDaemon
 from mpsd.supervise.process import ChildProcess
 from mpsd.supervise.tree import TreeWatch, group_pids
@@ -46,11 +47,13 @@ def port_free(port: int) -> bool:
 
 class _Progress:
     """Tells an operator watching a start which phase an engine is in: at each change, and
-    every ``PROGRESS_EVERY_S`` while one lasts (a model load takes minutes)."""
+    every ``PROGRESS_EVERY_S`` while one lasts (a model load takes minutes), with the phases
+    the engine itself reported done so far (weights, compile, ...)."""
 
-    def __init__(self, plan: EnginePlan, started: float) -> None:
+    def __init__(self, plan: EnginePlan, started: float, phases: logs.StartPhases) -> None:
         self._plan = plan
         self._started = self._said = started
+        self._phases = phases
         self.phase = ""
 
     def enter(self, phase: str) -> None:
@@ -59,14 +62,15 @@ class _Progress:
 
     def tick(self) -> None:
         if time.monotonic() - self._said >= PROGRESS_EVERY_S:
+            done = f"; done: {self._phases.text()}" if self._phases.seconds else ""
             self._say("engine_loading", "{key}: still {phase}, {seconds:.0f} s so far "
-                      f"(gives up at {self._plan.startup_timeout_s:g} s)")
+                      f"(gives up at {self._plan.startup_timeout_s:g} s){done}")
 
     def _say(self, event: str, template: str) -> None:
         self._said = time.monotonic()
         seconds = round(self._said - self._started, 1)
         _log.info(event, gpu=self._plan.gpu, engine=self._plan.key, phase=self.phase,
-                  seconds=seconds,
+                  seconds=seconds, engine_phases=dict(self._phases.seconds),
                   msg=template.format(key=self._plan.key, phase=self.phase, seconds=seconds))
 
 
@@ -77,11 +81,17 @@ class Engine:
                  registry: Path | None) -> None:
         self.plan = plan
         self._session = session
+        #: this start's phases as the engine reports them (``mpsd status``, the metrics)
+        self.phases = logs.StartPhases()
+        # the previous start's, beside the child records in state_dir
+        self._history = (registry.parent / "starts" / f"{plan.key}.json"
+                         if registry is not None else None)
         self.process = ChildProcess(
             plan.key, plan.argv, plan.env, cpus=plan.cpus, registry=registry,
             log_fields={"gpu": plan.gpu, "engine": plan.key},
             levels=logs.EngineOutput(plan.key, _PROBED_PATHS | {plan.health_path},
-                                     lambda: self.stopping), output_file=plan.log_file)
+                                     lambda: self.stopping, self.phases),
+            output_file=plan.log_file)
         self.stopping = False
         self.answered = False  # /health said 200 once: it booted, whatever happens next
         self.mps_pids: frozenset[int] = frozenset()  # its MPS clients, seen by the attach check
@@ -117,12 +127,13 @@ class Engine:
         if not port_free(self.plan.port):
             raise SpawnError(f"{self.key}: port {self.plan.port} on 127.0.0.1 is already in use; "
                              "free it or change daemon.engine_port_base")
+        self.phases.begin()
         await self.process.start()
 
     async def wait_ready(self, mps: MpsDaemon | None) -> float:
         """Until ready; seconds it took. Raises on exit, timeout or a failed canary."""
         started = time.monotonic()
-        progress = _Progress(self.plan, started)
+        progress = _Progress(self.plan, started, self.phases)
         try:
             with anyio.fail_after(self.plan.startup_timeout_s):
                 progress.enter("loading, waiting for /health")
@@ -140,9 +151,29 @@ class Engine:
             raise StartupTimeout(f"{self.key} not ready after "
                                  f"{self.plan.startup_timeout_s:g}s") from None
         took = time.monotonic() - started
+        self.phases.end("ready")
         _log.info("engine_ready", gpu=self.plan.gpu, engine=self.key, port=self.plan.port,
-                  seconds=round(took, 3), msg=f"{self.key}: ready in {took:.1f} s")
+                  seconds=round(took, 3), phases=dict(self.phases.seconds),
+                  msg=f"{self.key}: ready in {took:.1f} s ({self.phases.text()})")
+        self._compare_with_previous_start()
         return took
+
+    def _compare_with_previous_start(self) -> None:
+        """Warn when this start was much slower than the engine's previous one, naming the
+        phase that grew; then this start becomes the previous one."""
+        if self._history is None:
+            return
+        before = starts.load(self._history)
+        starts.save(self._history, self.phases.seconds)
+        if before is None or (grew := starts.grown(before, self.phases.seconds)) is None:
+            return
+        phase, then, now = grew
+        total_then, total_now = sum(before.values()), sum(self.phases.seconds.values())
+        _log.warning("engine_start_slower", gpu=self.plan.gpu, engine=self.key, phase=phase,
+                     seconds=round(total_now, 3), previous_s=round(total_then, 3),
+                     phase_s=now, phase_previous_s=then,
+                     msg=f"{self.key}: this start took {total_now:.1f} s, the previous one "
+                         f"{total_then:.1f} s; {phase} grew from {then:.1f} s to {now:.1f} s")
 
     async def watch_health(self, on_probe: Callable[[bool], None]) -> None:
         """Probe every ``health_interval_s``; raise after ``health_failures`` in a row.

@@ -389,6 +389,8 @@ def _group_view(group: GpuGroup, backends: dict[str, BackendStatus]) -> GroupSta
             "reason": reason,
             "restarts_in_window": restarts,
         })
+        if running is not None and running.phases.seconds:
+            engines[-1]["phases"] = dict(running.phases.seconds)
     return {
         "gpu": group.key,
         "device": group.plan.device,

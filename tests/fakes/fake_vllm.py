@@ -14,6 +14,10 @@ Knobs (environment; each may be overridden per port with the suffix ``_PORT_<por
 count from readiness unless stated):
   FAKE_ENGINE_EVENTS            JSON-lines events file (shared format with the MPS fake)
   FAKE_ENGINE_START_DELAY_S     EngineCore load time before listening (after MPS attach)
+  FAKE_ENGINE_PHASES_S          extra seconds per start phase, ``weights=1,compile=2.5``
+                                (``weights``, ``compile``, ``kv_cache``, ``cuda_graphs``),
+                                each ended by vLLM's own line for it (vLLM 0.26 on a GPU; no
+                                ``compile`` nor ``cuda_graphs`` line with ``--enforce-eager``)
   FAKE_ENGINE_FAIL_START=1      exit 1 during start-up, like a bad model name
   FAKE_ENGINE_CRASH_AFTER_S     EngineCore dies abruptly (exit 1) -> API server exits 0
   FAKE_ENGINE_UNHEALTHY_AFTER_S /health answers 503 from then on; the process stays up
@@ -156,10 +160,48 @@ def log_output_handler_death() -> None:
          "See stack trace (above) for the root cause.", src)
 
 
-def vlog(level: str, message: str, src: str = "api_server.py:1") -> None:
+def vlog(level: str, message: str, src: str = "api_server.py:1",
+         proc: str = "APIServer", pid: int | None = None) -> None:
     """A vLLM-style log line: ``(APIServer pid=N) INFO 11-25 22:46:37 [src] message``."""
     stamp = time.strftime("%m-%d %H:%M:%S")
-    print(f"(APIServer pid={os.getpid()}) {level} {stamp} [{src}] {message}", flush=True)
+    print(f"({proc} pid={pid or os.getpid()}) {level} {stamp} [{src}] {message}", flush=True)
+
+
+_PHASES = ("weights", "compile", "kv_cache", "cuda_graphs")
+
+
+def phase_delays(port: int) -> dict[str, float]:
+    """``FAKE_ENGINE_PHASES_S`` (``weights=1,compile=2.5``): extra seconds per start phase."""
+    delays = dict.fromkeys(_PHASES, 0.0)
+    for item in (fakeutil.knob("FAKE_ENGINE_PHASES_S", port) or "").split(","):
+        name, _, value = item.partition("=")
+        if name.strip() in delays:
+            delays[name.strip()] = float(value)
+    return delays
+
+
+async def log_start_phases(port: int, eager: bool, core_pid: int, started: float) -> None:
+    """The lines vLLM 0.26 prints as its EngineCore loads on a GPU (vllm.md section 6), each
+    after its phase's ``FAKE_ENGINE_PHASES_S`` delay: what mpsd reads a start's phases from."""
+    delays = phase_delays(port)
+
+    async def line(phase: str, message: str, src: str) -> None:
+        await asyncio.sleep(delays[phase])
+        vlog("INFO", message, src, "EngineCore", core_pid)
+
+    await line("weights", f"Loading weights took {delays['weights']:.2f} seconds",
+               "default_loader.py:1")
+    vlog("INFO", f"Model loading took 0.9278 GiB memory and {delays['weights']:.2f} seconds",
+         "gpu_model_runner.py:1", "EngineCore", core_pid)
+    if not eager:
+        await line("compile", f"torch.compile takes {delays['compile']:.2f} s in total",
+                   "monitor.py:1")
+    await line("kv_cache", "GPU KV cache size: 699,040 tokens", "kv_cache_utils.py:1")
+    if not eager:
+        await line("cuda_graphs", f"Graph capturing finished in {delays['cuda_graphs']:.0f} "
+                   "secs, took 0.40 GiB", "gpu_model_runner.py:1")
+    vlog("INFO", "init engine (profile, create kv cache, warmup model) took "
+         f"{time.monotonic() - started:.2f} seconds", "core.py:1", "EngineCore", core_pid)
 
 
 def _env_subset() -> dict[str, str]:
@@ -260,6 +302,7 @@ class ApiServer:
             return self._exit(1, "fail_start")
         if not self._join_gpu():
             return self._exit(1, "gpu_memory")
+        started = time.monotonic()
         if not await self._start_core():
             if self.stop.is_set():
                 await self._stop_core()
@@ -267,6 +310,8 @@ class ApiServer:
             vlog("ERROR", "RuntimeError: Engine core initialization failed. See root cause "
                  "above. Failed core proc(s): {'EngineCore_DP0': 1}", "core_client.py:1")
             return self._exit(1, "engine_core_init_failed")
+        assert self.core is not None
+        await log_start_phases(a.port, "enforce-eager" in a.flags, self.core.pid, started)
         access: dict[str, Any] = {"access_log": None}
         if "disable-uvicorn-access-log" not in a.flags:  # vLLM's default: a line per request
             access = {"access_log": logging.getLogger("uvicorn.access"),

@@ -178,3 +178,53 @@ def test_a_stream_that_refuses_writes_costs_lines_not_the_process(
             assert logs.write_errors() == before + 3
     monkeypatch.undo()
     logs.setup("json")  # never leave the sink on a closed descriptor
+
+
+#: A vLLM for CPU 0.32 start with torch.compile, as it printed it (trimmed to the lines that
+#: matter, in order; the times are what a clock at each line says).
+CPU_START = [
+    (19.0, "W1208 04:56:45.388000 16766 torch/_library/triton.py:53] Triton not available"),
+    (20.0, "(APIServer pid=16766) INFO 12-08 04:56:46 [api_utils.py:347]"),
+    (42.0, "(EngineCore pid=17426) INFO 12-08 04:57:08 [core.py:133] Initializing a V1 LLM "
+           "engine (v0.32.0) with config: model='/m/tiny-qwen2'"),
+    (56.0, "(Worker pid=17641) INFO 12-08 04:57:22 [base_loader.py:82] Initializing model took "
+           "0.271900 seconds"),
+    (57.0, "(Worker pid=17641) INFO 12-08 04:57:23 [cpu_model_runner.py:87] Warming up model "
+           "for the compilation..."),
+    (105.0, "(Worker pid=17641) INFO 12-08 04:58:11 [cpu_model_runner.py:91] Warming up done."),
+    (105.5, "(EngineCore pid=17426) INFO 12-08 04:58:11 [kv_cache_utils.py:2327] CPU KV cache "
+            "size: 131,072 tokens, Maximum concurrency for 2,048 tokens per request: 64.00x"),
+    (106.0, "(APIServer pid=16766) INFO 12-08 04:58:12 [entry.py:140] Starting vLLM server on "
+            "http://127.0.0.1:28700"),
+    (107.0, "INFO:     Application startup complete."),
+    (108.0, "(APIServer pid=16766) INFO 12-08 04:58:13 [loggers.py:1] KV cache size: again"),
+]
+
+
+def test_start_phases_of_a_real_vllm_cpu_start() -> None:
+    now = [0.0]
+    phases = logs.StartPhases(clock=lambda: now[0])
+    assert phases.last is None
+    for at, line in CPU_START:
+        now[0] = at
+        phases.feed(line)
+    assert phases.seconds == {"process": 20.0, "weights": 36.0, "compile": 49.0,
+                              "kv_cache": 0.5, "api_server": 1.5}
+    now[0] = 108.25
+    phases.end("ready")
+    assert phases.last == "ready"
+    assert phases.text().startswith("process 20.0 s, weights 36.0 s, compile 49.0 s")
+    now[0] = 200.0
+    phases.begin()  # a restart starts a fresh record
+    assert phases.seconds == {} and phases.started == 200.0
+
+
+def test_engine_output_feeds_the_start_phases() -> None:
+    phases = logs.StartPhases()
+    levels = logs.EngineOutput("gpu0/e-0", {"/health"}, lambda: False, phases)
+    levels("(APIServer pid=1) INFO 12-08 04:56:46 [api_utils.py:286] non-default args", "info")
+    levels("(EngineCore pid=1) INFO 12-08 04:58:11 [gpu_model_runner.py:1] Graph capturing "
+           "finished in 3 secs, took 0.40 GiB", "info")
+    levels("(EngineCore pid=1) INFO 12-08 04:58:11 [monitor.py:1] torch.compile takes 15.02 s "
+           "in total", "info")  # vLLM compiles before it captures graphs: not this start's
+    assert list(phases.seconds) == ["process", "cuda_graphs"]
