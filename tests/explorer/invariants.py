@@ -102,7 +102,7 @@ def _engine_accounted(w: World, gpu: int, group: dict[str, Any], e: dict[str, An
         return []
     return [f"{key} is not ready and nothing says why (group {group.get('state')}: "
             f"{group.get('reason')!r}; engine state {state}: {e.get('reason')!r}; "
-            f"pid {e.get('pid')})"]
+            f"pid {e.get('pid')}; proxy: {w.backend(key)})"]
 
 
 def health_matches(w: World, st: dict[str, Any]) -> list[str]:

@@ -113,7 +113,7 @@ def run_schedule(schedule: Schedule, workdir: Path | None = None) -> Report:
 
 def _run(w: World, schedule: Schedule, report: Report) -> None:
     w.start()
-    found = settle(w, [], bound=30)
+    found = settle(w, [], bound=SETTLE_S)
     if found:
         report.failed_step, report.violations = "start", found
         report.excerpt = _excerpt(w, 0.0)

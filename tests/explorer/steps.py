@@ -381,8 +381,11 @@ def _bad_reload(env: dict[str, str]) -> Callable[[World, Step], Effect]:
     def step(w: World, s: Step) -> Effect:
         before = _ready_keys(w)
         effect = Effect(disturbs={s.gpu} if w.replicas == 1 else set())
+        if s.arg >= 2:  # the reload lands while the GPU recovers from a killed engine
+            effect.disturbs.add(s.gpu)
+            _kill(_pid(_target(w, s)))
         w.write(_changed(w, s.gpu, **env))
-        out = _reload(w, bool(s.arg))
+        out = _reload(w, int(s.arg) % 2 == 1)
         if out is not None and out.returncode == 0:
             effect.violations.append(f"bad reload exited 0: {out.stdout.strip()} "
                                      f"{out.stderr.strip()}")
@@ -394,7 +397,8 @@ def _bad_reload(env: dict[str, str]) -> Callable[[World, Step], Effect]:
         effect.checks.append(same_ready)
         effect.cleanup.append(lambda: _fix(w))
         return effect
-    step.__doc__ = f"A reload whose new engines get {env}; it must roll back and say so."
+    step.__doc__ = (f"A reload whose new engines get {env}; it must roll back and say so. "
+                    "``arg``: 0 mpsd reload, 1 SIGHUP, 2 and 3 the same during a recovery.")
     return step
 
 
@@ -589,8 +593,8 @@ def generate(seed: int, mps: str, steps: int, gpus: int = 2, replicas: int = 2) 
         arg = {"stop_cont": rng.choice((0.5, 1.5, 3.0)), "squat_port": rng.choice((1.0, 3.0)),
                "spawn_fail": rng.choice((1, 2, 3)), "canary_start": 1,
                "canary_500": rng.choice((1.0, 2.0)), "state_ro": 2.0,
-               "reload_good": rng.choice((0, 1)), "reload_crash": rng.choice((0, 1)),
-               "reload_hang": rng.choice((0, 1)), "sighup_storm": rng.choice((3, 8)),
+               "reload_good": rng.choice((0, 1)), "reload_crash": rng.choice((0, 1, 2, 3)),
+               "reload_hang": rng.choice((0, 1, 2, 3)), "sighup_storm": rng.choice((3, 8)),
                "stuck_reader": rng.choice((3.0, 5.0)),
                "kill_reload": rng.choice((0.0, 0.3)),
                "race_restart_reload": rng.choice((0, 1)), "reload_mps": rng.choice((0, 1)),

@@ -12,8 +12,10 @@ import contextlib
 import json
 import math
 import os
+import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpsd.plan.build import PORTS_PER_GPU
 from tests.harness import (
     FAKES,
     Mpsd,
@@ -82,6 +85,15 @@ def read_proc(pid: int) -> Proc | None:
     return Proc(pid, int(stat[1]), cmdline)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def alive(pid: int | None) -> bool:
     return pid is not None and read_proc(pid) is not None
 
@@ -109,6 +121,7 @@ class World:
 
     def __post_init__(self) -> None:
         self.m = Mpsd(self.workdir, gpus=self.gpus, replicas=self.replicas, mps=self.mps)
+        self.m.engine_port_base = self._free_port_base()
         self.doc = self._config()
         self.disturbed = {g: [] for g in range(self.gpus)}
         self.nvml_state = self.workdir / "nvml.json"
@@ -137,6 +150,18 @@ class World:
         return env
 
     # -- config --------------------------------------------------------------------------
+
+    def _free_port_base(self) -> int:
+        """An engine port base whose ports (each GPU's block, with room for a reload's
+        surge) are all free now: other mpsd runs on the box must not make a start fail."""
+        rng = random.Random()
+        for _ in range(50):
+            base = rng.randrange(20000, 30000 - PORTS_PER_GPU * self.gpus)
+            ports = [base + PORTS_PER_GPU * g + r for g in range(self.gpus)
+                     for r in range(self.replicas + 2)]
+            if all(_port_free(port) for port in ports):
+                return base
+        raise AssertionError("no free block of engine ports in 20000-30000")
 
     def _config(self) -> dict[str, Any]:
         doc = self.m.config()
@@ -264,6 +289,13 @@ class World:
     def engines(self, gpu: int) -> list[dict[str, Any]]:
         st = self.status() or {"groups": []}
         return next((g["engines"] for g in st["groups"] if g["gpu"] == f"gpu{gpu}"), [])
+
+    def backend(self, key: str) -> str:
+        """How the proxy sees an engine (routable, ejected): for reports."""
+        st = self.status() or {}
+        b = next((b for b in st.get("engines", []) if b.get("key") == key), None)
+        return "absent" if b is None else (f"routable={b.get('routable')} "
+                                           f"ejected={b.get('ejected')}")
 
     def engine(self, gpu: int, index: int) -> dict[str, Any] | None:
         engines = self.engines(gpu)
