@@ -11,6 +11,9 @@ staging folder:
   MPSD_GPU_DEADLINE    epoch seconds: optional scenarios are skipped when they would end later
   MPSD_GPU_COTENANT=0  no co-tenant next to the vLLM engines (scenario 3 is skipped)
   MPSD_GPU_EAGER=1     add ``--enforce-eager`` (faster engine starts, no CUDA graphs)
+  MPSD_GPU_KV=0        no ``--kv-cache-memory-bytes``: vLLM profiles free memory, so mpsd starts
+                       the engines of the GPU one after another (default: the flag, together)
+  MPSD_GPU_HOLD_S      ``[proxy] recovery_hold_s`` (default: mpsd's own)
   MPSD_GPU_FAKE=1      dry run on a CPU machine: the fake MPS binary and fake vLLM of
                        ``tests/fakes`` stand in for the real ones (no GPU, no vLLM needed)
 """
@@ -177,7 +180,9 @@ class GpuMpsd(Mpsd):
         control = str(FAKE_MPS) if FAKE else (find_tool("nvidia-cuda-mps-control") or "")
         env = {**VLLM_ENV, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
         args = ["--tokenizer", str(TOKENIZER), "--load-format", "dummy",
-                "--kv-cache-memory-bytes", "8589934592", "--disable-uvicorn-access-log"]
+                "--disable-uvicorn-access-log"]
+        if os.environ.get("MPSD_GPU_KV") != "0":
+            args += ["--kv-cache-memory-bytes", "8589934592"]
         if os.environ.get("MPSD_GPU_EAGER") == "1":
             args.append("--enforce-eager")
         mps_env: dict[str, str] = {}
@@ -221,6 +226,8 @@ class GpuMpsd(Mpsd):
                          "health_interval_s": 2.0, "health_failures": 3, "cpu_affinity": "off"},
             "gpu": [{"device": "0", "engine": engines}],
         }
+        if os.environ.get("MPSD_GPU_HOLD_S"):
+            doc["proxy"]["recovery_hold_s"] = float(os.environ["MPSD_GPU_HOLD_S"])
         for section, values in self.overrides.items():
             doc.setdefault(section, {}).update(values)
         return doc
@@ -318,6 +325,7 @@ class Record:
     t1: float
     status: int  # HTTP status; 0 = transport error
     error: str = ""
+    t_head: float | None = None  # the response head (a stream's first byte follows it)
 
     @property
     def ok(self) -> bool:
@@ -363,9 +371,10 @@ class Load:
                 body = {"model": self.model, "prompt": f"User {n} asks: tell me a story.",
                         "max_tokens": self.max_tokens, "ignore_eos": True, "stream": self.stream}
                 while not self._stop.is_set():
-                    t0 = time.time()
+                    t0, t_head = time.time(), None
                     try:
                         async with session.post(f"{self.url}/v1/completions", json=body) as resp:
+                            t_head = time.time()
                             data = await resp.read()
                             status = resp.status
                         error = "" if status == 200 else data[:300].decode(errors="replace")
@@ -373,7 +382,7 @@ class Load:
                             error = stream_error(data)
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         status, error = 0, repr(exc)[:300]
-                    self.records.append(Record(t0, time.time(), status, error))
+                    self.records.append(Record(t0, time.time(), status, error, t_head))
                     if status != 200:
                         await asyncio.sleep(self.pause)
 

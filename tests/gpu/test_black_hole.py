@@ -12,8 +12,16 @@ was routable again, split by status. With MPS on the whole GPU is one fault doma
 engine of it restarts (and a one-GPU host answers 503 meanwhile); with MPS off only the killed
 engine restarts and its sibling serves. Results go to ``black_hole.json`` in ``MPSD_GPU_OUT``.
 
+Each kill also records what a recovery costs the clients (issue #20): fault -> the first engine
+ready, -> the first 200 (response head), -> every engine of the GPU ready, the requests sent
+after the kill that failed before the GPU was back (the goal is 0: with one GPU they are held
+up to ``[proxy] recovery_hold_s`` instead of an immediate 503), and the slowest answer head of
+those requests. ``MPSD_GPU_KV=0`` drops ``--kv-cache-memory-bytes`` (the engines then start
+one after another, as before issue #20) and ``MPSD_GPU_HOLD_S`` sets the hold (0: none).
+
 Run one arm per call on the GPU host (each fits one 10-minute command):
-``python3 -m pytest tests/gpu/test_black_hole.py -k mps_on`` (and ``-k mps_off``).
+``python3 -m pytest tests/gpu/test_black_hole.py -k mps_on`` (and ``-k mps_off``); the result
+key names the arm (``mps_on``, ``mps_on-seq``, ``mps_on-hold0``, ...).
 """
 
 from __future__ import annotations
@@ -96,17 +104,35 @@ def back_in_service(m: GpuMpsd, t_kill: float, mps: str) -> float:
     return epoch(ready[0])
 
 
+def engines_ready_after(m: GpuMpsd, t_kill: float) -> dict[str, float]:
+    """Each gpu0 engine's first ``engine_ready`` after the kill (epoch seconds)."""
+    ready: dict[str, float] = {}
+    for event in m.events_after(t_kill, "engine_ready", gpu="gpu0"):
+        key = str(event.get("engine"))
+        ready[key] = min(ready.get(key, float("inf")), epoch(event))
+    return ready
+
+
 def kill_numbers(records: list[Record], t_kill: float, t_fault: float,
-                 t_back: float) -> dict[str, Any]:
+                 t_back: float, ready: dict[str, float] | None = None) -> dict[str, Any]:
     in_flight = [r for r in records if r.t0 < t_kill < r.t1]
     after = [r for r in records if t_kill <= r.t0 < t_back]
     failed_after = [r for r in after if not r.ok]
     by_status: dict[str, int] = {}
     for r in failed_after:
         by_status[str(r.status)] = by_status.get(str(r.status), 0) + 1
+    first_200 = min((r.t_head for r in records if r.ok and r.t0 >= t_fault
+                     and r.t_head is not None), default=float("nan"))
+    heads = [r.t_head - r.t0 for r in after if r.t_head is not None]
+    ready = ready or {}
     return {
         "kill_to_unrouted_s": round(t_fault - t_kill, 4),
         "kill_to_serving_s": round(t_back - t_kill, 2),
+        "fault_to_first_ready_s": round(min(ready.values(), default=float("nan")) - t_fault, 2),
+        "fault_to_ready_s": {k: round(t - t_fault, 2) for k, t in sorted(ready.items())},
+        "fault_to_first_200_s": round(first_200 - t_fault, 2),
+        "fault_to_all_ready_s": round(t_back - t_fault, 2),
+        "slowest_head_sent_after_kill_s": round(max(heads, default=0.0), 2),
         "in_flight_at_kill": len(in_flight),
         "failed_in_flight": sum(not r.ok for r in in_flight),
         "sent_until_serving": len(after),
@@ -126,7 +152,20 @@ def test_enginecore_kill_under_streaming_load(mps: str) -> None:
     m.mps = mps
     if not FAKE:
         m.executable = str(vllm_shim(workdir))
-    result: dict[str, Any] = {"mps": mps, "fake": FAKE, "clients": CLIENTS, "kills": []}
+    arm = f"mps_{mps}"
+    if os.environ.get("MPSD_GPU_KV") == "0":
+        arm += "-seq"
+    if os.environ.get("MPSD_GPU_HOLD_S"):
+        arm += f"-hold{os.environ['MPSD_GPU_HOLD_S']}"
+    config = m.config()
+    start_together = any("--kv-cache-memory-bytes" in e.get("args", [])
+                         for g in config["gpu"] for e in g["engine"])
+    result: dict[str, Any] = {
+        "mps": mps, "fake": FAKE, "clients": CLIENTS, "kills": [],
+        "eager": os.environ.get("MPSD_GPU_EAGER") == "1",
+        "engines_start": "together" if start_together else "one after another",
+        "recovery_hold_s": config["proxy"].get("recovery_hold_s", "default"),
+    }
     load: Load | None = None
     try:
         m.start()
@@ -148,10 +187,14 @@ def test_enginecore_kill_under_streaming_load(mps: str) -> None:
                        "load served again")
             result["kills"].append({"t_kill": t_kill, "t_fault": epoch(fault),
                                     "signal": fault.get("signal") or fault.get("reason"),
-                                    "t_back": t_back, "core_pid": core})
+                                    "t_back": t_back, "core_pid": core,
+                                    "ready": engines_ready_after(m, t_kill)})
     finally:
         records = load.stop() if load is not None else []
         m.kill()
+        # every start's time and the phases vLLM reported (the first one is cold)
+        result["starts"] = [{"engine": e.get("engine"), "at": epoch(e), "seconds": e.get("seconds"),
+                             "phases": e.get("phases")} for e in m.events("engine_ready")]
         with contextlib.suppress(OSError):
             m.archive(out / f"black-hole-{mps}-logs.tgz")
         for pid in processes_mentioning(str(workdir)):
@@ -159,14 +202,15 @@ def test_enginecore_kill_under_streaming_load(mps: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
         for kill in result["kills"]:
-            kill.update(kill_numbers(records, kill["t_kill"], kill["t_fault"], kill["t_back"]))
+            kill.update(kill_numbers(records, kill["t_kill"], kill["t_fault"], kill["t_back"],
+                                     kill.pop("ready")))
         result["requests"] = summarize(records)
         if result["kills"]:
             result["median_kill_to_unrouted_s"] = statistics.median(
                 k["kill_to_unrouted_s"] for k in result["kills"])
         path = out / "black_hole.json"
         doc = json.loads(path.read_text()) if path.exists() else {}
-        doc[f"mps_{mps}"] = result
+        doc[arm] = result
         path.write_text(json.dumps(doc, indent=1))
     assert result["kills"], "no kill ran"
     for kill in result["kills"]:
