@@ -470,12 +470,15 @@ class OutputTap:
 
 #: The phases of a vLLM start, each ended by the line that says it is over, in the order vLLM
 #: reaches them (0.26 on an H200, 0.32 for CPU; docs/operations.md). ``process``: the first
-#: line in vLLM's own format (Python and vLLM imported: 8-20 s); ``weights``: "Loading weights
-#: took" (GPU), "Initializing model took" (CPU); ``compile``: torch.compile and the warm-up
+#: line in vLLM's own format (Python and vLLM imported: 8-20 s); ``engine_core``: the API
+#: server's set-up, EngineCore's (and a CPU worker's) process and imports, until "Starting to
+#: load model"; ``weights``: "Loading weights took" (GPU), "Initializing model took" (CPU), so a
+#: slow disk shows here alone; ``compile``: torch.compile and the warm-up
 #: (CPU: "Warming up done."); ``kv_cache``: "GPU/CPU KV cache size: N tokens"; ``cuda_graphs``:
 #: absent with ``--enforce-eager`` and on CPU; ``api_server``: uvicorn listens.
 _PHASE_ENDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("process", _VLLM),
+    ("engine_core", re.compile(r"Starting to load model")),
     ("weights", re.compile(r"Loading weights took|Model loading took|Initializing model took")),
     ("compile", re.compile(r"torch\.compile takes|Warming up done")),
     ("kv_cache", re.compile(r"KV cache size: ")),

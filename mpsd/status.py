@@ -42,8 +42,8 @@ class EngineStatus(TypedDict):
     reason: NotRequired[str]  # its last fault, or why it is FAILED
     restarts_in_window: NotRequired[int]
     # its last start (or the one under way) by phase, in order: seconds each, as the engine
-    # reported them (process, weights, compile, kv_cache, cuda_graphs, api_server) and mpsd's
-    # own checks (ready)
+    # reported them (process, engine_core, weights, compile, kv_cache, cuda_graphs, api_server)
+    # and mpsd's own checks (ready)
     phases: NotRequired[dict[str, float]]
 
 

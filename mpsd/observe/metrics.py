@@ -148,9 +148,9 @@ class Metrics:
         # where each engine's last start went (issue 20): set from its output at each poll
         self._start_phases = Gauge(
             "mpsd_engine_start_seconds",
-            "Seconds each phase of the engine's last start took: process, weights, compile, "
-            "kv_cache, cuda_graphs, api_server as the engine reported them, then ready (mpsd's "
-            "own checks).", ["gpu", "engine", "phase"], registry=r)
+            "Seconds each phase of the engine's last start took: process, engine_core, weights, "
+            "compile, kv_cache, cuda_graphs, api_server as the engine reported them, then ready "
+            "(mpsd's own checks).", ["gpu", "engine", "phase"], registry=r)
         self._poller = Poller(pool, sampler, scrape_timeout_s)
         r.register(_PoolCollector(pool))
         r.register(_ModelReadiness(pool))

@@ -189,6 +189,7 @@ async def log_start_phases(port: int, eager: bool, core_pid: int, started: float
         await asyncio.sleep(delays[phase])
         vlog("INFO", message, src, "EngineCore", core_pid)
 
+    vlog("INFO", "Starting to load model ...", "gpu_model_runner.py:1", "EngineCore", core_pid)
     await line("weights", f"Loading weights took {delays['weights']:.2f} seconds",
                "default_loader.py:1")
     vlog("INFO", f"Model loading took 0.9278 GiB memory and {delays['weights']:.2f} seconds",

@@ -187,6 +187,8 @@ CPU_START = [
     (20.0, "(APIServer pid=16766) INFO 12-08 04:56:46 [api_utils.py:347]"),
     (42.0, "(EngineCore pid=17426) INFO 12-08 04:57:08 [core.py:133] Initializing a V1 LLM "
            "engine (v0.32.0) with config: model='/m/tiny-qwen2'"),
+    (55.5, "(Worker pid=17641) INFO 12-08 04:57:22 [cpu_model_runner.py:68] Starting to load "
+           "model /m/tiny-qwen2..."),
     (56.0, "(Worker pid=17641) INFO 12-08 04:57:22 [base_loader.py:82] Initializing model took "
            "0.271900 seconds"),
     (57.0, "(Worker pid=17641) INFO 12-08 04:57:23 [cpu_model_runner.py:87] Warming up model "
@@ -208,12 +210,12 @@ def test_start_phases_of_a_real_vllm_cpu_start() -> None:
     for at, line in CPU_START:
         now[0] = at
         phases.feed(line)
-    assert phases.seconds == {"process": 20.0, "weights": 36.0, "compile": 49.0,
-                              "kv_cache": 0.5, "api_server": 1.5}
+    assert phases.seconds == {"process": 20.0, "engine_core": 35.5, "weights": 0.5,
+                              "compile": 49.0, "kv_cache": 0.5, "api_server": 1.5}
     now[0] = 108.25
     phases.end("ready")
     assert phases.last == "ready"
-    assert phases.text().startswith("process 20.0 s, weights 36.0 s, compile 49.0 s")
+    assert phases.text().startswith("process 20.0 s, engine_core 35.5 s, weights 0.5 s")
     now[0] = 200.0
     phases.begin()  # a restart starts a fresh record
     assert phases.seconds == {} and phases.started == 200.0
