@@ -948,8 +948,8 @@ def _print_c1(results: dict[str, dict[str, Any]]) -> None:
         c1 = r.get("c1")
         if c1 is not None:
             cpu = f"{1e6 * c1['cpu_s'] / c1['requests']:.0f}" if c1["cpu_s"] else "-"
-            lag = (f"{c1['lag_over_2ms']:.0f} ({c1['lag_max_ms']:.1f})" if "lag_over_2ms" in c1
-                   else "-")
+            lag = (f"{c1['lag_over_2ms']:.0f} ({c1['lag_max_ms']:.1f})"
+                   if c1.get("lag_samples") else "-")  # (no lag sampler in the tree: -)
             gc = f"{c1['gc_over_1ms']:.0f} ({c1['gc_max_ms']:.1f})" if "gc_over_1ms" in c1 else "-"
             print(f"| {name} | {c1['requests'] / c1['seconds']:.0f} | {c1['p50_ms']:.3f} | "
                   f"{c1['p99_ms']:.3f} | {c1['p999_ms']:.3f} | {c1['max_ms']:.2f} | {cpu} | "

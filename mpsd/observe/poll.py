@@ -54,7 +54,7 @@ VLLM_PREFIX = "vllm:"
 # (vLLM labels everything ``engine="0"``, its engine-core index) is kept under ``vllm_<name>``.
 ADDED_LABELS = ("gpu", "engine")
 MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
-SLICE_S = 0.0005  # the most one slice of parsing or rendering holds the event loop
+SLICE_S = 0.00025  # what one slice of parsing or rendering may hold the event loop
 _RENDER_SAMPLES = 16  # samples rendered per step (generate_latest: ~15-50 µs a sample)
 
 _T = TypeVar("_T")
@@ -106,16 +106,28 @@ class MpsReading:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything one poll round produced; replaced whole, never mutated (render may run on a
-    worker thread while the next round is being built)."""
+    """Everything one poll round produced; replaced whole, never changed but for the cache of
+    :attr:`engine_text`."""
 
     mps: Mapping[str, MpsReading] = field(default_factory=dict)
     gpus: Mapping[str, GpuSample] = field(default_factory=dict)
     scrape_up: Mapping[tuple[str, str], bool] = field(default_factory=dict)
     engine_families: tuple[Metric, ...] = ()
-    engine_text: bytes = b""  # engine_families in the text format, rendered off the loop
     node_text: bytes = b""  # their node-level aggregates (aggregate.py) in the text format
     took_s: float = 0.0
+    rendered: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    asked: list[bool] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def engine_text(self) -> bytes:
+        """``engine_families`` in the text format (``/metrics/engines``): rendered by the poll
+        round, in slices, only while someone reads it (else at the first read, whole, then
+        by the rounds after it), since few scrape it and a render is a third of a round."""
+        if not self.asked:
+            self.asked.append(True)
+        if not self.rendered:
+            self.rendered.append(render_families(self.engine_families))
+        return self.rendered[0]
 
 
 def mps_status_code(statuses: Iterable[str]) -> int:
@@ -395,7 +407,7 @@ def _render_family(metric: Metric) -> str | None:
 def _sample_line(sample: Sample) -> str | None:
     if sample.timestamp is not None or not _plain(sample.name, _PLAIN_NAME):
         return None
-    value = floatToGoString(sample.value)
+    value: str = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
     if not sample.labels:
         return f"{sample.name} {value}\n"
     pairs = []
@@ -416,11 +428,14 @@ def merge_and_render(per_engine: list[list[Metric]], node: NodeAggregator,
     return run_whole(merge_and_render_steps(per_engine, node))
 
 
-def merge_and_render_steps(per_engine: list[list[Metric]], node: NodeAggregator,
+def merge_and_render_steps(per_engine: list[list[Metric]], node: NodeAggregator, *,
+                           engines: bool = True,
                            ) -> Steps[tuple[tuple[Metric, ...], bytes, bytes]]:
+    """:func:`merge_and_render` in steps; ``engines`` False: the engines' text is not rendered
+    (b"")."""
     families = merge_families(per_engine)
     yield
-    text = yield from render_steps(families)
+    text = (yield from render_steps(families)) if engines else b""
     aggregated = yield from node.steps(families)
     node_text = yield from render_steps(aggregated)
     return families, text, node_text
@@ -484,11 +499,13 @@ class Poller:
                     tg.start_soon(scrape, backend.gpu, backend.key,
                                   backend.base_url.rstrip("/") + "/metrics")
         ok = [families for families in scraped.values() if families is not None]
-        families, text, node_text = await run_sliced(merge_and_render_steps(ok, self._node))
+        wanted = bool(self.snapshot.asked)  # /metrics/engines was read since the last round
+        families, text, node_text = await run_sliced(
+            merge_and_render_steps(ok, self._node, engines=wanted))
         self.snapshot = Snapshot(
             mps=mps, gpus=gpus, scrape_up={k: v is not None for k, v in scraped.items()},
-            engine_families=families, engine_text=text, node_text=node_text,
-            took_s=time.monotonic() - started)
+            engine_families=families, node_text=node_text, took_s=time.monotonic() - started,
+            rendered=[text] if wanted else [])
         self.rounds += 1
         return self.snapshot
 
