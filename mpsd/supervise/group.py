@@ -222,6 +222,9 @@ class GpuGroup:
         self.observed_generation = self.desired.generation
         passed, self._passed = self._passed, anyio.Event()
         passed.set()
+        if self.desired.stopping and self._unkillable:  # a stop must end: leave it behind
+            _log.error("stop_leaves_a_process", gpu=self.key, reason=self._unkillable)
+            return False
         if isinstance(action, Wait):
             if self.desired.stopping and not view.live:
                 return False
@@ -313,6 +316,7 @@ class GpuGroup:
         """An operator restart reached the loop: every fault of the past is forgotten."""
         self._restart_generation = generation
         self._fault, self._failed, self._backoff_until = None, "", 0.0
+        self._unkillable = ""
         self._restarts, self._serving = Restarts(), False
         for slot in self.slots.values():
             slot.reset()

@@ -163,9 +163,9 @@ def decide(desired: Desired, view: GroupView, now: float) -> Action:
     plan = desired.plan
     policy = RestartPolicy.of(desired.options.restart)
     live = tuple(k for k, e in view.engines.items() if e.live)
-    if view.unkillable:
-        return Wait()
     restart_pending = desired.restart_generation > view.restart_generation
+    if view.unkillable and not (desired.stopping or restart_pending):
+        return Wait()  # only an operator can help; `mpsd restart` tries the kill again
     if desired.stopping or desired.drained or restart_pending:
         if live:
             return StopEngines(live)

@@ -8,9 +8,8 @@ from dataclasses import replace
 import pytest
 
 from mpsd.config import MpsConfig, RestartConfig, parse_config
-from mpsd.plan.build import HostFacts
 from mpsd.host.nvml import GpuInfo, GpuInventory
-from mpsd.plan.build import EnginePlan, GroupPlan, build_plan
+from mpsd.plan.build import EnginePlan, GroupPlan, HostFacts, build_plan
 from mpsd.supervise.contract import GroupOptions
 from mpsd.supervise.desired import Desired
 from mpsd.supervise.faults import Fault
@@ -225,8 +224,11 @@ def test_a_failed_engine_stays_down_until_its_plan_changes() -> None:
 
 
 def test_a_process_that_will_not_die_leaves_everything_to_an_operator() -> None:
-    d = desired(stopping=True)
-    assert decide(d, serving(d, unkillable="needs an operator"), NOW) == Wait()
+    d = desired()
+    a, b = engines(d)
+    stuck = serving(d, unkillable="needs an operator", fault=CRASH)
+    assert decide(d, stuck, NOW) == Wait()
+    assert decide(d.restarted(), stuck, NOW) == StopEngines((a.key, b.key))  # tries again
 
 
 # -- what status says ------------------------------------------------------------------------
