@@ -137,3 +137,10 @@ def test_a_hardware_xid_verdict_survives_a_reload(workdir: Path) -> None:
 def test_an_application_xid_recovers_only_its_gpu(workdir: Path) -> None:
     """Xid 13 on gpu1 recovers gpu1; gpu0 loses no request."""
     explore(workdir, "xid:gpu1/0@13")
+
+
+def test_a_bad_reload_during_a_recovery_rolls_back(workdir: Path) -> None:
+    """Found by the explorer (seed 1002, MPS on): a reload whose engines crash at start, landing
+    while their GPU recovers from a killed engine, was applied with no rollout: ``mpsd reload``
+    exited 0 ("changed gpu1"), the new engines crash-looped and the GPU ended FAILED."""
+    explore(workdir, "reload_crash:gpu1/0@2")
