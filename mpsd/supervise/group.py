@@ -132,10 +132,12 @@ class GpuGroup:
         return state, reason, slot.restarts.count(now, self._policy())
 
     @property
-    def serving(self) -> bool:
-        """RUNNING or DEGRADED and not about to stop: a change of engines must keep it up."""
+    def has_capacity(self) -> bool:
+        """Serving, or on its way back to serving (starting, recovering, backing off): a change
+        of its engines is a rollout that must not take that capacity away. Not when drained,
+        FAILED, condemned or stopping: there is nothing to keep."""
         d = self.desired
-        return (self.state in (GroupState.RUNNING, GroupState.DEGRADED)
+        return (self.state not in (GroupState.FAILED, GroupState.STOPPED, GroupState.STOPPING)
                 and not (d.stopping or d.drained or d.verdict))
 
     @property

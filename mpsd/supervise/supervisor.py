@@ -223,8 +223,8 @@ class Supervisor:
     def _reload(self, command: Reload, future: asyncio.Future[Any]) -> object:
         """The new desired state of every GPU; changed engines of a serving GPU go to a
         rollout whose end answers the reload (until then the queue goes on: a stop is never
-        held up). A GPU that serves nothing (drained, FAILED, starting) takes its new plan at
-        once: there is no capacity to keep, and a drain or a verdict stays as it is."""
+        held up) — also while it recovers. A GPU with nothing to keep (drained, FAILED,
+        condemned) takes its new plan at once, and its drain or verdict stays as it is."""
         plan, options = command.plan, command.options
         for rollout in list(self._rollouts):
             rollout.cancel("a newer reload superseded it")
@@ -245,7 +245,7 @@ class Supervisor:
                 group.set_desired(desired.reidentified(target, options))
                 result["changed"].append(key)
                 result["restarted"].append(key)
-            elif target.engines != desired.plan.engines and not group.serving:
+            elif target.engines != desired.plan.engines and not group.has_capacity:
                 group.set_desired(desired.with_plan(target, options))  # nothing to keep up
                 result["changed"].append(key)
             elif target.engines != desired.plan.engines:
