@@ -111,7 +111,10 @@ class Daemon:
                 async for signum in received:
                     _log.info("signal_received", signal=signal.Signals(signum).name)
                     if signum == signal.SIGHUP:
-                        tg.start_soon(self.reload)
+                        # a storm coalesces: one reload waiting for its turn reads the
+                        # file as it is then, for every SIGHUP that came meanwhile
+                        if not self._reload_lock.statistics().tasks_waiting:
+                            tg.start_soon(self.reload)
                     elif self._stopping:  # a second SIGTERM/SIGINT: no more grace
                         self._hurry.set()
                     else:
