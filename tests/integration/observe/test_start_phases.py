@@ -10,7 +10,8 @@ from pathlib import Path
 from tests.harness import Mpsd, wait_until
 from tests.integration.observe.test_observe import scrape, value
 
-GPU_PHASES = ["process", "engine_core", "weights", "compile", "kv_cache", "cuda_graphs", "api_server", "ready"]
+GPU_PHASES = ["process", "engine_core", "weights", "compile", "kv_cache", "cuda_graphs",
+              "api_server", "ready"]
 
 
 def daemon(workdir: Path, phases: str) -> Mpsd:
