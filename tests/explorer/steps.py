@@ -329,10 +329,13 @@ def close_stdout(w: World, s: Step) -> Effect:
 # -- commands ---------------------------------------------------------------------------
 
 
-def _changed(w: World, gpu: int, **env: str) -> dict[str, object]:
+def _changed(w: World, gpu: int, startup_timeout_s: float | None = None,
+             **env: str) -> dict[str, object]:
     doc = copy.deepcopy(w.doc)
     engine = doc["gpu"][gpu]["engine"][0]
     engine["env"] = {**engine.get("env", {}), **env}
+    if startup_timeout_s is not None:
+        engine["startup_timeout_s"] = startup_timeout_s
     return doc
 
 
@@ -377,14 +380,15 @@ def reload_mps(w: World, s: Step) -> Effect:
     return effect
 
 
-def _bad_reload(env: dict[str, str]) -> Callable[[World, Step], Effect]:
+def _bad_reload(env: dict[str, str],
+                startup_timeout_s: float | None = None) -> Callable[[World, Step], Effect]:
     def step(w: World, s: Step) -> Effect:
         before = _ready_keys(w)
         effect = Effect(disturbs={s.gpu} if w.replicas == 1 else set())
         if s.arg >= 2:  # the reload lands while the GPU recovers from a killed engine
             effect.disturbs.add(s.gpu)
             _kill(_pid(_target(w, s)))
-        w.write(_changed(w, s.gpu, **env))
+        w.write(_changed(w, s.gpu, startup_timeout_s, **env))
         out = _reload(w, int(s.arg) % 2 == 1)
         if out is not None and out.returncode == 0:
             effect.violations.append(f"bad reload exited 0: {out.stdout.strip()} "
@@ -557,7 +561,7 @@ STEPS: dict[str, Callable[[World, Step], Effect]] = {
     "reload_good": reload_good,
     "reload_mps": reload_mps,
     "reload_crash": _bad_reload({"FAKE_ENGINE_FAIL_START": "1"}),
-    "reload_hang": _bad_reload({"FAKE_ENGINE_START_DELAY_S": "3600"}),
+    "reload_hang": _bad_reload({"FAKE_ENGINE_START_DELAY_S": "3600"}, startup_timeout_s=3),
     "restart": restart,
     "drain": drain,
     "sighup_storm": sighup_storm,

@@ -29,7 +29,7 @@ def explore(workdir: Path, plan: str, mps: str = "on", replicas: int = 2,
     assert report.ok, report.text()
 
 
-SEEDED_BUDGET_S = 25.0  # per MPS mode: as many seeded schedules as fit, at least one
+SEEDED_BUDGET_S = 15.0  # per MPS mode: as many seeded schedules as fit, at least one
 
 
 @pytest.mark.parametrize(("base", "mps"), [(100, "on"), (200, "off")])
