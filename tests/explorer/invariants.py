@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from tests.explorer.steps import Check
-from tests.explorer.world import World, alive, model_of
+from tests.explorer.world import Proc, World, alive, model_of
 from tests.harness import http
 
 SETTLE_S = 45.0  # a start-up timeout (5 s) and a few backoffs and restarts fit in it
@@ -134,7 +134,7 @@ def processes_match(w: World, st: dict[str, Any]) -> list[str]:
     return out
 
 
-def _helper_child(w: World, p: Any, procs: dict[int, Any]) -> bool:
+def _helper_child(w: World, p: Proc, procs: dict[int, Proc]) -> bool:
     """A process of a second ``mpsd run`` (whose own fate the step checks)."""
     pid = p.ppid
     while pid > 1 and pid in procs:

@@ -109,7 +109,8 @@ class World:
     clients_per_gpu: int = 2
     m: Mpsd = field(init=False)
     doc: dict[str, Any] = field(init=False)
-    loads: dict[int, list[MixedLoad]] = field(default_factory=dict)  # per GPU, the last runs
+    # per GPU, its load runs: a pause ends one, a resume starts the next
+    loads: dict[int, list[MixedLoad]] = field(default_factory=dict)
     # per GPU, the intervals [start, end] during which a step meant to disturb it
     disturbed: dict[int, list[list[float]]] = field(default_factory=dict)
     drained: set[int] = field(default_factory=set)
