@@ -167,7 +167,8 @@ def kill_numbers(sent: list[Sent], kill: dict[str, float], gpu0_ports: set[int])
     by_status: dict[str, int] = {}
     for s in failed_after:
         by_status[str(s.status)] = by_status.get(str(s.status), 0) + 1
-    first_200 = min((s.t_head for s in sent if s.ok and s.port in gpu0_ports and s.t0 >= t_fault
+    # sent once the whole GPU was unrouted (before that a sibling may still answer briefly)
+    first_200 = min((s.t_head for s in sent if s.ok and s.port in gpu0_ports and s.t0 >= t_group
                      and s.t_head is not None), default=float("nan"))
     heads = [s.t_head - s.t0 for s in after if s.t_head is not None]
     return {
