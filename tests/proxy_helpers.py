@@ -214,6 +214,8 @@ class Recorder:
         self.refused = 0
         self.retries: list[str] = []
         self.send_timeouts = 0
+        self.holds = 0
+        self.held_for: list[tuple[float, bool]] = []
         self.lags: list[float] = []
 
     def request_done(self, model: str | None, engine: str | None, code: int, duration_s: float,
@@ -237,6 +239,12 @@ class Recorder:
 
     def send_timed_out(self) -> None:
         self.send_timeouts += 1
+
+    def holding(self, delta: int) -> None:
+        self.holds += delta
+
+    def held(self, seconds: float, served: bool) -> None:
+        self.held_for.append((seconds, served))
 
     def loop_lag(self, seconds: float) -> None:
         self.lags.append(seconds)

@@ -124,6 +124,14 @@ class Metrics:
             "in every request's latency. Below ~1 ms: the loop's timer resolution.",
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=r)
+        self._held_now = Gauge(
+            "mpsd_requests_held", "Requests held now for a model whose engines are all on "
+            "their way back (starting, recovering, backing off), up to recovery_hold_s.",
+            registry=r)
+        self._hold = Histogram(
+            "mpsd_hold_seconds", "How long held requests waited, by how the hold ended "
+            "(served: an engine came back; refused: 503 at the deadline or nothing coming).",
+            ["outcome"], buckets=RECOVERY_BUCKETS, registry=r)
         self._group_state = Gauge("mpsd_group_state",
                                   "1 for the group's current state, 0 for the others.",
                                   ["gpu", "state"], registry=r)
@@ -199,6 +207,12 @@ class Metrics:
 
     def request_retried(self, reason: str) -> None:
         self._retries.labels(reason).inc()
+
+    def holding(self, delta: int) -> None:
+        self._held_now.inc(delta)
+
+    def held(self, seconds: float, served: bool) -> None:
+        self._hold.labels("served" if served else "refused").observe(seconds)
 
     def send_timed_out(self) -> None:
         self._send_timeouts.inc()

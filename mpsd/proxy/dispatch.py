@@ -162,13 +162,20 @@ class Dispatcher:
 
     async def _lease(self, model: str | None, tried: list[Backend], started: float) -> Lease:
         """A lease from the admission queue; a retry (``tried``) does not wait in it."""
-        lease = self._pool.lease(model, wait_s=0.0 if tried else self._wait_s(model),
-                                 exclude=tried)
+        wait_s = 0.0 if tried else self._wait_s(model)
+        held = wait_s > self.config.admission_wait_s  # for engines on their way back
+        lease = self._pool.lease(model, wait_s=wait_s, exclude=tried)
+        if held:
+            self._observer.holding(1)
         try:
             await lease.acquire()
         except BaseException:
             lease.release()
             raise
+        finally:
+            if held:
+                self._observer.holding(-1)
+                self._observer.held(self.loop.time() - started, lease.backend is not None)
         if not tried:
             self._observer.queue_wait(self.loop.time() - started)
         return lease

@@ -35,6 +35,12 @@ class RequestObserver(Protocol):
     def request_retried(self, reason: str) -> None:
         """A request went to another engine (``connect``, ``reset``, ``engine_dead``, ``5xx``)."""
 
+    def holding(self, delta: int) -> None:
+        """Requests held for a model whose engines are all on their way back: +1 / -1."""
+
+    def held(self, seconds: float, served: bool) -> None:
+        """A held request left the hold after ``seconds``: with an engine, or for its 503."""
+
     def send_timed_out(self) -> None:
         """A client took nothing of its response for ``send_timeout_s``: cut, its request
         aborted at the engine."""

@@ -203,3 +203,8 @@ def test_requests_sent_during_a_recovery_are_held_not_failed(mpsd: Mpsd) -> None
     sent_after = [code for t, code in load.outcomes if t > gap + 0.5]  # answered after sending
     assert sent_after and set(sent_after) == {200}, sent_after
     assert back > killed
+    metrics = http("GET", f"{mpsd.url}/metrics")[2].decode()
+    served = next(line for line in metrics.splitlines()
+                  if line.startswith('mpsd_hold_seconds_count{outcome="served"}'))
+    assert float(served.split()[-1]) >= 1, served
+    assert "mpsd_requests_held 0.0" in metrics
