@@ -347,6 +347,13 @@ def _reload(w: World, via_signal: bool) -> subprocess.CompletedProcess[str] | No
     return w.cli("reload", timeout=90)
 
 
+def _rolled(w: World, gpu: int, what: str) -> Check:
+    """Every engine of ``gpu`` runs the new plan (a new process) once a reload that changed it
+    is done: a SIGHUP returns at once, so this is how the settle knows it is over."""
+    pids = {str(e["key"]): pid for e in w.engines(gpu) if (pid := _pid(e)) is not None}
+    return _replaced(w, pids, f"{what} of gpu{gpu}")
+
+
 def _mps_changed(w: World) -> dict[str, object]:
     doc = copy.deepcopy(w.doc)
     doc["mps"]["env"] = {**doc["mps"]["env"], "EXPLORER_GEN": str(next(_generation))}
@@ -359,7 +366,7 @@ _generation = iter(range(1, 1 << 30))
 def reload_good(w: World, s: Step) -> Effect:
     """A harmless change of one GPU's engines, by ``mpsd reload`` (arg 0) or SIGHUP (arg 1):
     engines roll one at a time, no request may fail."""
-    effect = Effect()
+    effect = Effect(checks=[_rolled(w, s.gpu, "a good reload")])
     w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
     w.write(w.doc)
     out = _reload(w, bool(s.arg))
@@ -372,6 +379,8 @@ def reload_mps(w: World, s: Step) -> Effect:
     """An ``[mps]`` edit (the daemons' environment): every GPU's MPS daemon is replaced, so
     every GPU may be disturbed, but none that needs an operator comes back."""
     effect = Effect(disturbs=set(range(w.gpus)))
+    if w.mps == "on":
+        effect.checks += [_rolled(w, g, "an [mps] reload") for g in range(w.gpus)]
     w.doc = _mps_changed(w)
     w.write(w.doc)
     out = _reload(w, bool(s.arg))
@@ -472,7 +481,8 @@ def second_run(w: World, s: Step) -> Effect:
 def race_restart_reload(w: World, s: Step) -> Effect:
     """``mpsd restart gpuN`` and a SIGHUP at the same moment that changes gpuN's engines
     (arg 0) or every GPU's MPS daemon (arg 1: the group itself restarts)."""
-    effect = Effect(disturbs=set(range(w.gpus)) if s.arg else {s.gpu})
+    effect = Effect(disturbs=set(range(w.gpus)) if s.arg else {s.gpu},
+                    checks=[_rolled(w, s.gpu, "a restart racing a reload")])
     result: list[subprocess.CompletedProcess[str]] = []
     thread = threading.Thread(target=lambda: result.append(w.cli("restart", f"gpu{s.gpu}")))
     thread.start()
@@ -493,7 +503,7 @@ def race_restart_reload(w: World, s: Step) -> Effect:
 def kill_reload(w: World, s: Step) -> Effect:
     """An engine dies and a SIGHUP that changes its GPU (both engines) lands while it
     restarts."""
-    effect = Effect(disturbs={s.gpu})
+    effect = Effect(disturbs={s.gpu}, checks=[_rolled(w, s.gpu, "a reload in a restart")])
     _kill(_pid(_target(w, s)))
     w.doc = _changed(w, s.gpu, EXPLORER_GEN=str(next(_generation)))
     w.write(w.doc)
