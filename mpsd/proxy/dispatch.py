@@ -162,9 +162,11 @@ class Dispatcher:
 
     async def _lease(self, model: str | None, tried: list[Backend], started: float) -> Lease:
         """A lease from the admission queue; a retry (``tried``) does not wait in it."""
-        wait_s = 0.0 if tried else self._wait_s(model)
+        wait_s = self._wait_s(model, retry=bool(tried))
         held = wait_s > self.config.admission_wait_s  # for engines on their way back
-        lease = self._pool.lease(model, wait_s=wait_s, exclude=tried)
+        # a retry held through a recovery may go to a restarted engine it tried before: a new
+        # process, which has not seen the request
+        lease = self._pool.lease(model, wait_s=wait_s, exclude=() if held else tried)
         if held:
             self._observer.holding(1)
         try:
@@ -180,15 +182,16 @@ class Dispatcher:
             self._observer.queue_wait(self.loop.time() - started)
         return lease
 
-    def _wait_s(self, model: str | None) -> float:
-        """How long a new request may wait for an engine: ``admission_wait_s`` for a free slot,
-        or ``recovery_hold_s`` while the model's engines are all on their way back (a recovery,
-        a restart), so that a fault costs latency rather than errors — within a bound."""
+    def _wait_s(self, model: str | None, *, retry: bool) -> float:
+        """How long a request may wait for an engine: ``recovery_hold_s`` while the model's
+        engines are all on their way back (a recovery, a restart), so that a fault costs
+        latency rather than errors — within a bound; else ``admission_wait_s`` for a free slot
+        (a retry does not wait for one)."""
         config = self.config
         if (config.recovery_hold_s > config.admission_wait_s and self._pool.coming(model)
                 and self._pool.queued() < config.recovery_hold_max):
             return config.recovery_hold_s
-        return config.admission_wait_s
+        return 0.0 if retry else config.admission_wait_s
 
     def _connect_failed(self, backend: Backend, exc: UpstreamConnectError) -> None:
         """The request never left: count it, and eject an engine that refused outright."""

@@ -36,8 +36,11 @@ class Fault:
     engine: str = ""
 
 
-async def watch_engine(engine: Engine, route: Callable[[bool], None]) -> Fault:
-    """Until the engine fails one of its signals; unroutes it (``route(False)``) at once.
+async def watch_engine(engine: Engine, route: Callable[[bool], None],
+                       on_fault: Callable[[Fault], None] | None = None) -> Fault:
+    """Until the engine fails one of its signals; unroutes it (``route(False)``) and tells
+    ``on_fault`` in the same tick the signal arrives (MPS on: the whole GPU is unrouted then,
+    not once the other watchers have been cancelled).
 
     ``route`` also follows the health probes: one failed probe unroutes, a good one routes
     again (until a fault ends the watch).
@@ -49,6 +52,8 @@ async def watch_engine(engine: Engine, route: Callable[[bool], None]) -> Fault:
             if not found:
                 found.append(fault)
                 route(False)
+                if on_fault is not None:
+                    on_fault(fault)
                 _log.warning("engine_fault", gpu=engine.plan.gpu, engine=engine.key,
                              signal=fault.signal, reason=fault.reason, at=time.time())
             tg.cancel_scope.cancel()

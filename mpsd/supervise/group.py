@@ -454,7 +454,8 @@ class GpuGroup:
             self._route(slot.key, True, fresh=True)
             self._wake.set()
             try:
-                fault = await watch_engine(engine, self._router(slot, engine))
+                fault = await watch_engine(engine, self._router(slot, engine),
+                                           lambda f: self._engine_fault(slot, engine, f))
             except Exception as exc:
                 fault = Fault("internal", f"{slot.key}: watching it failed: {exc!r}")
             self._engine_fault(slot, engine, fault)
