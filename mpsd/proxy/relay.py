@@ -29,6 +29,7 @@ from mpsd.proxy.upstream import UpstreamConnection
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HELD_BYTES = 64 * 1024  # a 5xx body held back to be read (vLLM's are ~200 bytes)
+_PLAIN_ERRORS = {404: b"Not Found", 405: b"Method Not Allowed"}
 _DEAD_ENGINE = re.compile(rb"EngineDeadError|EngineCore encountered an issue")
 _ENGINE_LIMITS = Limits()  # an engine's trailers are bounded like a client's
 _UNLIMITED = 1 << 62
@@ -176,6 +177,11 @@ class Exchange:
         if status >= 500:
             if self._hold(head, rest):
                 return
+        elif status in _PLAIN_ERRORS and self._framing == _LENGTH and self._left <= 64:
+            self._framing = _HELD  # maybe the web framework's own plain error: read it whole
+            self.held = head
+            self._feed_held(rest)
+            return
         elif self.backend.consecutive_5xx:
             self.backends.answered_ok(self.backend)
         framing = self._framing
@@ -218,7 +224,25 @@ class Exchange:
             body, extra = self._buf[:self._left], self._buf[self._left:]
             self._buf = b""
             self.reusable = self.reusable and not extra
-            self._judge(self.held, body)
+            if self.status in _PLAIN_ERRORS:
+                self._reshape(body)
+            else:
+                self._judge(self.held, body)
+
+    def _reshape(self, body: bytes) -> None:
+        """vLLM's web framework answers an unknown path or method with ``{"detail": ...}``;
+        an OpenAI client expects ``{"error": {...}}``: mpsd answers in that shape instead.
+        Any other small 404/405 (a model not found, ...) goes to the client as it came."""
+        what = _PLAIN_ERRORS[self.status]
+        if body.strip() == b'{"detail":"%s"}' % what:
+            self.held = b""
+            path = self.request.path.decode("utf-8", "replace")
+            method = self.request.method.decode("ascii", "replace")
+            self.error = (self.status, f"{what.decode()}: {method} {path} is not served here "
+                          "(see the engine's OpenAI API, e.g. /v1/completions)")
+        else:
+            self.held += body
+        self._end(self.reusable)
 
     def _judge(self, head: bytes, body: bytes) -> None:
         """A whole 5xx: does it say the engine is dead? Either way the proxy decides what the

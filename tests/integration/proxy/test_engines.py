@@ -86,6 +86,20 @@ class TestOpenAIClient:
         assert chat.model == "other" and chat.choices[0].message.role == "assistant"
         await client.close()
 
+    async def test_an_unknown_path_or_method_gets_an_openai_shaped_error(
+            self, proxy: ProxyServer) -> None:
+        """vLLM's framework answers ``{"detail":"Not Found"}``; clients get OpenAI's shape."""
+        base = f"http://127.0.0.1:{proxy.port}"
+        async with aiohttp.ClientSession() as session:
+            for method, path, status in (("POST", "/v1/foo", 404),
+                                         ("GET", "/v1/completions", 405)):
+                payload = {"model": "tiny"} if method == "POST" else None
+                async with session.request(method, base + path, json=payload) as resp:
+                    doc = json.loads(await resp.read())
+                    assert resp.status == status, doc
+                assert set(doc) == {"error"} and doc["error"]["code"] == status, doc
+                assert path in doc["error"]["message"], doc
+
     async def test_streaming_chat(self, proxy: ProxyServer) -> None:
         client = _client(proxy)
         stream = await client.chat.completions.create(
