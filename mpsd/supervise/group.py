@@ -582,17 +582,13 @@ class GpuGroup:
         A FAILED engine or GPU, a drain or a stop is not coming back."""
         d = self.desired
         hopeful = self.state not in _NOT_COMING and not (d.stopping or d.drained or d.verdict)
-        step = decide(d, view, now)  # a fault about to spend the last of a budget: not coming
-        doomed = step.key if isinstance(step, RestartEngine) and step.give_up else None
-        hopeful = hopeful and not (isinstance(step, Recover) and step.give_up)
         for plan in self.plan.engines:
             backend = self._pool.get(plan.key)
             if backend is None:
                 continue
             state = engine_state(plan, view.engine(plan.key), False, now)
             faulted = state is EngineState.READY and not backend.routable  # about to restart
-            coming = hopeful and plan.key != doomed and (state in _COMING or faulted)
-            self._pool.set_coming(plan.key, coming)
+            self._pool.set_coming(plan.key, hopeful and (state in _COMING or faulted))
 
     def _set_state(self, new: GroupState, reason: str) -> None:
         """The one writer of ``state``. An edge the state machine lacks is a bug: logged as
